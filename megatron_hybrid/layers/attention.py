@@ -1,0 +1,120 @@
+"""Causal self-attention with grouped-query heads, tensor-parallel by query groups.
+
+``linear_qkv`` uses Megatron's fused layout: for each query group, its ``heads / groups`` query heads, then its key
+head, then its value head. Splitting that weight contiguously across ranks hands each rank whole query groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_hybrid.config import HybridConfig
+from megatron_hybrid.layers.init import normal_init, scaled_normal_init
+from megatron_hybrid.layers.rotary import RotaryEmbedding, apply_rotary
+from megatron_hybrid.parallel.state import ParallelGroups
+from megatron_hybrid.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron_hybrid.spec import build_module
+
+
+def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Boolean mask [b, 1, s, s]: token i sees token j iff j <= i and both belong to the same document."""
+    same_document = seq_idx[:, :, None] == seq_idx[:, None, :]
+    causal = torch.ones(seq_idx.shape[1], seq_idx.shape[1], dtype=torch.bool, device=seq_idx.device).tril()
+    return (same_document & causal)[:, None]
+
+
+class SDPAttention(nn.Module):
+    """Core attention through ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient on GPU)."""
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        self.dropout = config.attention_dropout
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q [b, hq, s, d], k / v [b, hkv, s, d] -> [b, hq, s, d]."""
+        dropout = self.dropout if self.training else 0.0
+        if k.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        if seq_idx is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(seq_idx), dropout_p=dropout)
+
+
+@dataclass(frozen=True)
+class SelfAttentionSubmodules:
+    linear_qkv: object = ColumnParallelLinear
+    core_attention: object = SDPAttention
+    linear_proj: object = RowParallelLinear
+
+
+class SelfAttention(nn.Module):
+    def __init__(
+        self,
+        config: HybridConfig,
+        groups: ParallelGroups,
+        submodules: SelfAttentionSubmodules = SelfAttentionSubmodules(),
+        layer_number: int = 0,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number
+        tp = groups.tp_size
+        if config.num_query_groups % tp:
+            raise ValueError(f"tensor parallel size {tp} must divide num_query_groups ({config.num_query_groups})")
+        self.head_dim = config.kv_channels
+        self.heads_local = config.num_attention_heads // tp
+        self.groups_local = config.num_query_groups // tp
+        self.heads_per_group = config.num_attention_heads // config.num_query_groups
+        qkv_width = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
+        self.linear_qkv = build_module(
+            submodules.linear_qkv,
+            config.hidden_size,
+            qkv_width,
+            groups=groups,
+            bias=config.add_bias_linear,
+            sequence_parallel=config.sequence_parallel,
+            init_method=normal_init(config.init_method_std),
+            dtype=config.params_dtype,
+        )
+        self.core_attention = build_module(submodules.core_attention, config)
+        self.linear_proj = build_module(
+            submodules.linear_proj,
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            groups=groups,
+            bias=config.add_bias_linear,
+            input_is_parallel=True,
+            sequence_parallel=config.sequence_parallel,
+            init_method=scaled_normal_init(config.init_method_std, config.num_layers),
+            dtype=config.params_dtype,
+        )
+        self.rotary = None
+        if config.position_embedding_type == "rope":
+            self.rotary = RotaryEmbedding(self.head_dim, config.rotary_percent, config.rotary_base)
+
+    def forward(
+        self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``hidden_states`` [s, b, hidden] -> [s, b, hidden]; ``position_ids`` [b, s] drive RoPE."""
+        qkv = self.linear_qkv(hidden_states)  # [s, b, groups_local * (heads_per_group + 2) * d]
+        seqlen, batch, _ = qkv.shape
+        qkv = qkv.view(seqlen, batch, self.groups_local, self.heads_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.heads_per_group].reshape(seqlen, batch, self.heads_local, self.head_dim)
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        if self.rotary is not None:
+            if position_ids is None:
+                position_ids = torch.arange(seqlen, device=q.device).expand(batch, seqlen)
+            cos, sin = self.rotary(position_ids)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        context = self.core_attention(q, k, v, seq_idx)  # [b, heads_local, s, d]
+        context = context.permute(2, 0, 1, 3).reshape(seqlen, batch, self.heads_local * self.head_dim)
+        return self.linear_proj(context)

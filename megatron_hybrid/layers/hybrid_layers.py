@@ -1,0 +1,145 @@
+"""Pre-norm residual layers, one per symbol of the layer pattern: ``M`` Mamba, ``*`` attention, ``-`` MLP.
+
+Each is ``x + inner(norm(x))``. The attribute names (``norm`` / ``mixer``, ``input_layernorm`` / ``self_attention``,
+``pre_mlp_layernorm`` / ``mlp``) are Megatron's, so checkpoints and conversion tools line up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_hybrid.config import HybridConfig
+from megatron_hybrid.layers.attention import SelfAttention
+from megatron_hybrid.layers.mamba_mixer import MambaMixer
+from megatron_hybrid.layers.mlp import MLP
+from megatron_hybrid.layers.norm import RMSNorm
+from megatron_hybrid.parallel.state import ParallelGroups
+from megatron_hybrid.spec import ModuleSpec, build_module
+
+
+class _PreNormResidual(nn.Module):
+    """Shared residual plumbing.
+
+    With ``residual_in_fp32`` the residual stream itself stays float32 from layer to layer (Megatron's and Mamba's
+    meaning); each layer's norm then reads it and the mixer computes in the working precision.
+    """
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.hidden_dropout = config.hidden_dropout
+        self.params_dtype = config.params_dtype
+
+    def _inner_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The working-precision copy of the (possibly float32) residual stream that the norm and mixer read."""
+        return hidden_states.to(self.params_dtype) if self.residual_in_fp32 else hidden_states
+
+    def _residual_add(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        update = F.dropout(update, p=self.hidden_dropout, training=self.training)
+        if self.residual_in_fp32:
+            return residual.float() + update.float()
+        return residual + update
+
+
+@dataclass(frozen=True)
+class MambaLayerSubmodules:
+    norm: object = RMSNorm
+    mixer: object = ModuleSpec(MambaMixer)
+
+
+class MambaLayer(_PreNormResidual):
+    def __init__(
+        self,
+        config: HybridConfig,
+        groups: ParallelGroups,
+        submodules: MambaLayerSubmodules = MambaLayerSubmodules(),
+        layer_number: int = 0,
+    ) -> None:
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.norm = build_module(
+            submodules.norm,
+            config.hidden_size,
+            eps=config.norm_epsilon,
+            sequence_parallel=config.sequence_parallel,
+            dtype=config.params_dtype,
+        )
+        self.mixer = build_module(submodules.mixer, config=config, groups=groups, layer_number=layer_number)
+
+    def forward(
+        self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._residual_add(
+            hidden_states, self.mixer(self.norm(self._inner_input(hidden_states)), seq_idx=seq_idx)
+        )
+
+
+@dataclass(frozen=True)
+class AttentionLayerSubmodules:
+    input_layernorm: object = RMSNorm
+    self_attention: object = ModuleSpec(SelfAttention)
+
+
+class AttentionLayer(_PreNormResidual):
+    def __init__(
+        self,
+        config: HybridConfig,
+        groups: ParallelGroups,
+        submodules: AttentionLayerSubmodules = AttentionLayerSubmodules(),
+        layer_number: int = 0,
+    ) -> None:
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.input_layernorm = build_module(
+            submodules.input_layernorm,
+            config.hidden_size,
+            eps=config.norm_epsilon,
+            sequence_parallel=config.sequence_parallel,
+            dtype=config.params_dtype,
+        )
+        self.self_attention = build_module(
+            submodules.self_attention, config=config, groups=groups, layer_number=layer_number
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        update = self.self_attention(
+            self.input_layernorm(self._inner_input(hidden_states)), seq_idx=seq_idx, position_ids=position_ids
+        )
+        return self._residual_add(hidden_states, update)
+
+
+@dataclass(frozen=True)
+class MLPLayerSubmodules:
+    pre_mlp_layernorm: object = RMSNorm
+    mlp: object = ModuleSpec(MLP)
+
+
+class MLPLayer(_PreNormResidual):
+    def __init__(
+        self,
+        config: HybridConfig,
+        groups: ParallelGroups,
+        submodules: MLPLayerSubmodules = MLPLayerSubmodules(),
+        layer_number: int = 0,
+    ) -> None:
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.pre_mlp_layernorm = build_module(
+            submodules.pre_mlp_layernorm,
+            config.hidden_size,
+            eps=config.norm_epsilon,
+            sequence_parallel=config.sequence_parallel,
+            dtype=config.params_dtype,
+        )
+        self.mlp = build_module(submodules.mlp, config=config, groups=groups, layer_number=layer_number)
+
+    def forward(
+        self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._residual_add(hidden_states, self.mlp(self.pre_mlp_layernorm(self._inner_input(hidden_states))))

@@ -1,0 +1,165 @@
+"""The Mamba-2 (SSD) mixer, tensor-parallel by heads and groups.
+
+Parameter semantics follow Megatron-LM's MambaMixer and transformers' NemotronH mixer:
+``in_proj`` produces ``[z, x, B, C, dt]``, a causal depthwise conv runs over ``[x, B, C]``, the SSD scan mixes along
+the sequence, and a group-wise gated RMSNorm (normalise ``y * silu(z)``) precedes ``out_proj``.
+Under tensor parallelism every rank owns ``nheads / tp`` heads and ``ngroups / tp`` groups, i.e. its slice of each of
+z / x / B / C / dt and of the conv's x / B / C channels, so the conv and the scan need no communication at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megatron_hybrid.config import HybridConfig
+from megatron_hybrid.layers.init import normal_init, scaled_normal_init
+from megatron_hybrid.layers.sharded_param import sharded_parameter
+from megatron_hybrid.ops import causal_conv1d, gated_rms_norm, ssd_chunk_scan
+from megatron_hybrid.parallel.state import ParallelGroups
+from megatron_hybrid.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron_hybrid.spec import build_module
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over channels made of tensor-parallel components (x, B, C), SiLU applied.
+
+    ``weight`` keeps nn.Conv1d's ``[channels, 1, kernel]`` shape so state dicts match Megatron and transformers.
+    """
+
+    def __init__(
+        self, components: list[int], kernel_size: int, bias: bool, groups: ParallelGroups, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        channels = sum(components)
+        # nn.Conv1d's default init (kaiming-uniform, a = sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for a
+        # depthwise kernel (fan_in = kernel size); Megatron and transformers both keep that default.
+        bound = 1.0 / math.sqrt(kernel_size)
+        weight = torch.empty(channels, 1, kernel_size, dtype=dtype).uniform_(-bound, bound)
+        self.weight = sharded_parameter(weight, groups, components)
+        self.bias = None
+        if bias:
+            self.bias = sharded_parameter(
+                torch.empty(channels, dtype=dtype).uniform_(-bound, bound), groups, components
+            )
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [b, channels_local, s] -> silu(conv(x)) of the same shape."""
+        return causal_conv1d(x, self.weight.squeeze(1), self.bias, activation="silu", seq_idx=seq_idx)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of ``y * silu(z)`` over groups of ``group_size`` channels (Mamba-2's norm-after-gate)."""
+
+    def __init__(self, width: int, group_size: int, eps: float, groups: ParallelGroups, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.eps = eps
+        self.weight = sharded_parameter(torch.ones(width, dtype=dtype), groups)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(y, z, self.weight, self.eps, group_size=self.group_size)
+
+
+@dataclass(frozen=True)
+class MambaMixerSubmodules:
+    in_proj: object = ColumnParallelLinear
+    out_proj: object = RowParallelLinear
+
+
+class MambaMixer(nn.Module):
+    def __init__(
+        self,
+        config: HybridConfig,
+        groups: ParallelGroups,
+        submodules: MambaMixerSubmodules = MambaMixerSubmodules(),
+        layer_number: int = 0,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number
+        tp = groups.tp_size
+        self.nheads = config.mamba_num_heads
+        self.ngroups = config.mamba_num_groups
+        if self.nheads % tp or self.ngroups % tp:
+            raise ValueError(
+                f"tensor parallel size {tp} must divide mamba_num_heads ({self.nheads}) and mamba_num_groups "
+                f"({self.ngroups})"
+            )
+        self.headdim = config.mamba_head_dim
+        self.d_state = config.mamba_state_dim
+        self.d_inner = config.mamba_d_inner
+        self.chunk_size = config.mamba_chunk_size
+        self.nheads_local = self.nheads // tp
+        self.ngroups_local = self.ngroups // tp
+        self.d_inner_local = self.d_inner // tp
+        group_width = self.ngroups * self.d_state
+        dtype = config.params_dtype
+
+        self.in_proj = build_module(
+            submodules.in_proj,
+            config.hidden_size,
+            2 * self.d_inner + 2 * group_width + self.nheads,
+            groups=groups,
+            bias=False,
+            sequence_parallel=config.sequence_parallel,
+            init_method=normal_init(config.init_method_std),
+            dtype=config.params_dtype,
+            tp_components=[self.d_inner, self.d_inner, group_width, group_width, self.nheads],
+        )
+        self.conv1d = CausalConv1d(
+            [self.d_inner, group_width, group_width], config.mamba_conv_kernel, config.mamba_conv_bias, groups, dtype
+        )
+
+        # dt_bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max], floored (Mamba-2's init).
+        log_dt_min, log_dt_max = math.log(config.mamba_dt_min), math.log(config.mamba_dt_max)
+        dt = torch.exp(torch.rand(self.nheads) * (log_dt_max - log_dt_min) + log_dt_min)
+        dt = dt.clamp(min=config.mamba_dt_init_floor)
+        self.dt_bias = sharded_parameter((dt + torch.log(-torch.expm1(-dt))).to(dtype), groups)
+        a_low, a_high = config.mamba_A_init_range
+        self.A_log = sharded_parameter(torch.log(torch.empty(self.nheads).uniform_(a_low, a_high)).to(dtype), groups)
+        self.D = sharded_parameter(torch.ones(self.nheads, dtype=dtype), groups)
+        for param in (self.dt_bias, self.A_log, self.D):
+            param.no_weight_decay = True  # the recurrence's own dynamics are not regularised (as in Mamba)
+
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, config.norm_epsilon, groups, dtype)
+        self.out_proj = build_module(
+            submodules.out_proj,
+            self.d_inner,
+            config.hidden_size,
+            groups=groups,
+            bias=False,
+            input_is_parallel=True,
+            sequence_parallel=config.sequence_parallel,
+            init_method=scaled_normal_init(config.init_method_std, config.num_layers),
+            dtype=config.params_dtype,
+        )
+
+    def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden_states`` [s, b, hidden] (the local sequence slice under sequence parallelism) -> same shape."""
+        zxbcdt = self.in_proj(hidden_states).transpose(0, 1)  # [b, s, local width]
+        batch, seqlen, _ = zxbcdt.shape
+        group_width = self.ngroups_local * self.d_state
+        z, xbc, dt = torch.split(
+            zxbcdt, [self.d_inner_local, self.d_inner_local + 2 * group_width, self.nheads_local], dim=-1
+        )
+        xbc = self.conv1d(xbc.transpose(1, 2), seq_idx).transpose(1, 2)
+        x, B, C = torch.split(xbc, [self.d_inner_local, group_width, group_width], dim=-1)
+        y = ssd_chunk_scan(
+            x.reshape(batch, seqlen, self.nheads_local, self.headdim),
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.reshape(batch, seqlen, self.ngroups_local, self.d_state),
+            C.reshape(batch, seqlen, self.ngroups_local, self.d_state),
+            self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=self.config.mamba_dt_limit,
+            seq_idx=seq_idx,
+        )
+        y = self.norm(y.reshape(batch, seqlen, self.d_inner_local), z)
+        return self.out_proj(y.transpose(0, 1))

@@ -1,0 +1,30 @@
+"""RMSNorm, the only normalisation the hybrid models use."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_hybrid.ops import rms_norm
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension with a learned scale (initialised to one).
+
+    ``sequence_parallel`` marks the weight so its gradient, computed on a slice of the sequence, is summed over the
+    tensor-parallel group before the optimizer step.
+    """
+
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.weight.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

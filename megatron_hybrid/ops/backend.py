@@ -1,0 +1,349 @@
+"""Kernel selection and the dispatching ops that the rest of megatron_hybrid calls.
+
+Every op takes ``backend="auto" | "torch" | "triton"``:
+
+* ``"torch"``: the pure-PyTorch reference (any device; the numerical ground truth, used in CPU tests/benchmarks).
+* ``"triton"``: the GPU fast path; raises ``KernelUnavailableError`` with the reason when the tensors are not on CUDA
+  or the kernels cannot be loaded. For the scan, the state update and the norms that is mamba_ssm's Triton kernels.
+  For the convolutions it is causal_conv1d's CUDA kernel when importable and applicable, otherwise PyTorch's own
+  (cuDNN) convolution on the GPU, which is an acceptable fast path, so the convs never raise for a missing package.
+* ``"auto"`` (default): ``"triton"`` for CUDA tensors whose kernels load, else ``"torch"``. On CUDA tensors a fallback
+  to the slow reference is announced once per process with a ``KernelFallbackWarning`` that carries the import error.
+  The environment variable ``MEGATRON_HYBRID_KERNELS`` (auto/torch/triton), read at every call, replaces ``"auto"``.
+
+All dispatch targets implement the same semantics (those of mamba_ssm / causal_conv1d, documented in the reference
+modules), including ``seq_idx``: it is converted to monotone segment ids (``_common.segment_ids``) before reaching a
+GPU kernel, so both paths reset state exactly where the document id changes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from megatron_hybrid.ops._common import process_dt, segment_ids
+from megatron_hybrid.ops.conv1d import causal_conv1d_ref
+from megatron_hybrid.ops.mamba_ssm_loader import (
+    KernelUnavailableError,
+    MambaSsmKernels,
+    load_causal_conv1d_kernels,
+    load_mamba_ssm_kernels,
+)
+from megatron_hybrid.ops.norm import gated_rms_norm_ref, rms_norm_ref
+from megatron_hybrid.ops.ssd import ssd_chunk_scan_ref
+from megatron_hybrid.ops.state_update import causal_conv1d_update_ref, ssm_state_update_ref
+
+ENV_VAR = "MEGATRON_HYBRID_KERNELS"
+BACKENDS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAMBA_OPS = "ssd_chunk_scan, ssm_state_update, rms_norm and gated_rms_norm"
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """CUDA tensors are being processed by the slow pure-PyTorch reference instead of a GPU kernel."""
+
+
+_warned: set[str] = set()
+
+
+def _resolve(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"environment variable {ENV_VAR}={env!r} must be one of {BACKENDS}")
+            return env
+    return backend
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, KernelFallbackWarning, stacklevel=4)
+
+
+def _mamba_kernels(op: str, backend: str, tensor: torch.Tensor) -> MambaSsmKernels | None:
+    """The Triton kernels to use for ``op`` on ``tensor``, or None for the torch reference (raising if forced)."""
+    mode = _resolve(backend)
+    if mode == "torch":
+        return None
+    if tensor.device.type != "cuda":
+        if mode == "triton":
+            raise KernelUnavailableError(
+                f"{op}: backend 'triton' needs CUDA tensors, got device {tensor.device}; use backend='torch' or 'auto'"
+            )
+        return None
+    if tensor.dtype not in _KERNEL_DTYPES:
+        reason = f"dtype {tensor.dtype} is not supported by the Triton kernels (float16/bfloat16/float32 only)"
+        if mode == "triton":
+            raise KernelUnavailableError(f"{op}: backend 'triton' requested but {reason}")
+        _warn_once(f"dtype:{tensor.dtype}", f"megatron_hybrid.ops.{op}: running the SLOW pure-PyTorch reference on "
+                   f"CUDA because {reason}.")
+        return None
+    try:
+        return load_mamba_ssm_kernels()
+    except KernelUnavailableError as exc:
+        if mode == "triton":
+            raise KernelUnavailableError(f"{op}: backend 'triton' requested but {exc}") from exc
+        _warn_once(
+            "mamba_ssm",
+            f"megatron_hybrid.ops: CUDA tensors, but mamba_ssm's Triton kernels could not be loaded, so {_MAMBA_OPS} "
+            f"run the SLOW pure-PyTorch reference (first hit by {op}). Reason: {exc}. Make mamba_ssm importable "
+            f"(a wheel without CUDA extensions is enough) or set {ENV_VAR}=torch to choose the reference explicitly.",
+        )
+        return None
+
+
+def _conv_kernels_wanted(op: str, backend: str, tensor: torch.Tensor) -> bool:
+    """Whether to try causal_conv1d's CUDA kernel; the torch conv is the GPU fallback, so no warning is needed."""
+    mode = _resolve(backend)
+    if mode == "torch":
+        return False
+    if tensor.device.type != "cuda":
+        if mode == "triton":
+            raise KernelUnavailableError(
+                f"{op}: backend 'triton' needs CUDA tensors, got device {tensor.device}; use backend='torch' or 'auto'"
+            )
+        return False
+    return tensor.dtype in _KERNEL_DTYPES
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    *,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2 chunked scan with the semantics of ``mamba_chunk_scan_combined`` (see ``ops.ssd``).
+
+    x [b, l, h, p], dt [b, l, h], A [h], B and C [b, l, g, n], D [h] or [h, p], z [b, l, h, p], dt_bias [h],
+    initial_states [b, h, p, n], seq_idx [b, l] int. Returns y [b, l, h, p] (times silu(z) when z is given), or
+    (y, final_states [b, h, p, n] float32) with ``return_final_states``.
+    """
+    kernels = _mamba_kernels("ssd_chunk_scan", backend, x)
+    if kernels is None:
+        return ssd_chunk_scan_ref(
+            x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+            initial_states=initial_states, seq_idx=seq_idx, return_final_states=return_final_states,
+        )
+    segments = segment_ids(seq_idx).to(torch.int32).contiguous() if seq_idx is not None else None
+    return kernels.mamba_chunk_scan_combined(
+        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=segments,
+        dt_softplus=dt_softplus, dt_limit=(float(dt_limit[0]), float(dt_limit[1])),
+        return_final_states=return_final_states,
+    )
+
+
+def _channel_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(1) == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv with the semantics of ``causal_conv1d_fn`` (see ``ops.conv1d``).
+
+    x [b, d, l], weight [d, w], bias [d], activation None | "silu" | "swish", seq_idx [b, l] int, initial_states
+    [b, d, w - 1]. Returns [b, d, l] (and the final conv inputs [b, d, w - 1] with ``return_final_states``).
+    causal_conv1d's kernel cannot combine seq_idx with initial/final states; such calls use the torch path.
+    """
+    if _conv_kernels_wanted("causal_conv1d", backend, x):
+        try:
+            kernels = load_causal_conv1d_kernels()
+        except KernelUnavailableError:
+            kernels = None
+        d, w = weight.shape[0], weight.shape[-1]
+        states = initial_states is not None or return_final_states
+        usable = (
+            kernels is not None
+            and 2 <= w <= 4
+            and weight.dtype in _KERNEL_DTYPES
+            and (bias is None or bias.dtype == weight.dtype)
+            and not (seq_idx is not None and states)
+            and (not (seq_idx is not None or states) or d % 8 == 0)
+            and (initial_states is None or initial_states.dtype == x.dtype)
+        )
+        if usable:
+            segments = None
+            if seq_idx is not None or states:
+                x = _channel_last(x)
+            if seq_idx is not None:
+                segments = segment_ids(seq_idx).to(torch.int32).contiguous()
+            if initial_states is not None:
+                initial_states = _channel_last(initial_states)
+            return kernels.causal_conv1d_fn(
+                x, weight.contiguous(), bias.contiguous() if bias is not None else None, seq_idx=segments,
+                initial_states=initial_states, return_final_states=return_final_states, activation=activation,
+            )
+    return causal_conv1d_ref(
+        x, weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
+        return_final_states=return_final_states,
+    )
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Decode-time conv step with the semantics of causal_conv1d's ``causal_conv1d_update``.
+
+    x [b, d] (or [b, d, l]); ``conv_state`` [b, d, state_len] holds the last ``state_len >= w - 1`` inputs, oldest
+    first (we allocate ``state_len = w = d_conv`` like mamba_ssm and transformers) and is updated in place.
+    """
+    if _conv_kernels_wanted("causal_conv1d_update", backend, x):
+        try:
+            kernels = load_causal_conv1d_kernels()
+        except KernelUnavailableError:
+            kernels = None
+        w = weight.shape[-1]
+        if (
+            kernels is not None
+            and 2 <= w <= 4
+            and conv_state.dtype == x.dtype
+            and weight.dtype in _KERNEL_DTYPES
+            and (bias is None or bias.dtype == weight.dtype)
+        ):
+            return kernels.causal_conv1d_update(
+                x, conv_state, weight.contiguous(), bias.contiguous() if bias is not None else None, activation
+            )
+    return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
+
+
+def ssm_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decode step with the semantics of ``selective_state_update`` (see ``ops.state_update``).
+
+    state [b, h, p, n] (updated in place), x [b, h, p], dt [b, h], A [h], B and C [b, g, n], D [h] or [h, p],
+    z [b, h, p], dt_bias [h]; returns y [b, h, p]. ``dt`` is processed (bias, softplus, clamp) exactly as in
+    ``ssd_chunk_scan``, so decoding continues a prefill bit-for-bit in float64 and to rounding otherwise.
+    """
+    kernels = _mamba_kernels("ssm_state_update", backend, x)
+    if kernels is None:
+        return ssm_state_update_ref(
+            state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit
+        )
+    b, h, p, n = state.shape
+    # The kernel has no dt clamp, so dt is finalised here (tiny: [b, h]) and passed with softplus off; zero-stride
+    # expansions select the kernel's tied-head-dim path. dt_bias must be a tensor there (the kernel reads its stride).
+    dt_eff = process_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
+    if dt_eff.dim() == 2:
+        dt_eff = dt_eff.unsqueeze(-1).expand(b, h, p)
+    A_eff = A.float()[:, None, None].expand(h, p, n) if A.dim() == 1 else A
+    zero_bias = torch.zeros(1, 1, device=x.device, dtype=torch.float32).expand(h, p)
+    D_eff = D[:, None].expand(h, p) if D is not None and D.dim() == 1 else D
+    return kernels.selective_state_update(
+        state, x, dt_eff, A_eff, B, C, D=D_eff, z=z, dt_bias=zero_bias, dt_softplus=False
+    )
+
+
+def _norm_fits_kernel(x: torch.Tensor, group_size: int) -> bool:
+    # layernorm_gated fuses one group per program and refuses groups wider than 64 KB.
+    return group_size * x.element_size() <= 65536
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dim, ``x / sqrt(mean(x^2) + eps) * weight``, float32 math, x's dtype out."""
+    kernels = _mamba_kernels("rms_norm", backend, x)
+    if kernels is None or not _norm_fits_kernel(x, x.shape[-1]):
+        return rms_norm_ref(x, weight, eps)
+    return kernels.rmsnorm_fn(x, weight, None, z=None, eps=eps, group_size=None, norm_before_gate=True)
+
+
+def gated_rms_norm(
+    x: torch.Tensor,
+    z: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Grouped RMSNorm with SiLU gate: ``rmsnorm_groupwise(x * silu(z)) * weight`` (norm_before_gate=False) or
+    ``rmsnorm_groupwise(x) * weight * silu(z)``; semantics of mamba_ssm's ``rmsnorm_fn`` (see ``ops.norm``)."""
+    kernels = _mamba_kernels("gated_rms_norm", backend, x)
+    size = x.shape[-1] if group_size is None else group_size
+    if kernels is None or not _norm_fits_kernel(x, size):
+        return gated_rms_norm_ref(x, z, weight, eps, group_size, norm_before_gate)
+    return kernels.rmsnorm_fn(
+        x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate
+    )
+
+
+def kernel_backend_info() -> dict[str, Any]:
+    """What each op would run on CUDA tensors under ``backend="auto"`` and why (tries the lazy imports once)."""
+    info: dict[str, Any] = {
+        "env_override": os.environ.get(ENV_VAR) or None,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    try:
+        mamba = load_mamba_ssm_kernels()
+        info["mamba_ssm_triton"] = {"available": True, "how": mamba.how, "error": None}
+    except KernelUnavailableError as exc:
+        info["mamba_ssm_triton"] = {"available": False, "how": None, "error": str(exc)}
+    try:
+        load_causal_conv1d_kernels()
+        info["causal_conv1d"] = {"available": True, "error": None}
+    except KernelUnavailableError as exc:
+        info["causal_conv1d"] = {"available": False, "error": str(exc)}
+    triton_ok = info["mamba_ssm_triton"]["available"]
+    conv_ok = info["causal_conv1d"]["available"]
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    on_cuda = {
+        "ssd_chunk_scan": "triton" if triton_ok else "torch",
+        "ssm_state_update": "triton" if triton_ok else "torch",
+        "rms_norm": "triton" if triton_ok else "torch",
+        "gated_rms_norm": "triton" if triton_ok else "torch",
+        "causal_conv1d": "causal_conv1d" if conv_ok else "torch (F.conv1d on GPU)",
+        "causal_conv1d_update": "causal_conv1d" if conv_ok else "torch (F.conv1d on GPU)",
+    }
+    if mode == "torch":
+        on_cuda = dict.fromkeys(on_cuda, "torch")
+    info["auto_on_cuda"] = on_cuda
+    info["auto_on_cpu"] = "torch"
+    return info
