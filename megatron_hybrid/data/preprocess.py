@@ -20,8 +20,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, TextIO
 
 import numpy as np

@@ -64,3 +64,17 @@ def test_in_process_api_multiple_files_and_gpt2_bpe(tmp_path: Path, jsonl_corpus
     hf = build_tokenizer("HuggingFaceTokenizer", str(bpe_dir))
     first = json.loads(head.read_text(encoding="utf-8").splitlines()[0])["text"]
     assert ds[0].tolist() == hf.tokenize(first)
+
+
+def test_bounded_imap_keeps_order_across_blocks() -> None:
+    import multiprocessing
+
+    from megatron_hybrid.data import preprocess
+
+    items = [(i + 1, 10 * i, f'{{"text": "{i} {i}"}}\n'.encode()) for i in range(23)]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2, initializer=preprocess._init_worker,
+                  initargs=({"tokenizer_type": "NullTokenizer", "vocab_size": 50}, ["text"], True, np.uint16)) as pool:
+        out = list(preprocess._bounded_imap(pool, iter(items), chunksize=2, block=5))
+    assert [r[0] for r in out] == list(range(1, 24))
+    assert [r[3][0].tolist() for r in out] == [[i, i, 49] for i in range(23)]

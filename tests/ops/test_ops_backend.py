@@ -1,0 +1,168 @@
+"""Backend selection: CPU defaults, forced backends, the environment override, fallback warnings, lazy loading."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+import megatron_hybrid.ops.backend as backend
+from megatron_hybrid import ops
+from megatron_hybrid.ops import mamba_ssm_loader
+from megatron_hybrid.ops.mamba_ssm_loader import KernelUnavailableError, MambaSsmKernels
+
+
+@pytest.fixture(autouse=True)
+def _clean_state(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend, "_warned", set())
+
+
+def _scan_inputs():
+    torch.manual_seed(0)
+    return (torch.randn(1, 10, 2, 4), torch.randn(1, 10, 2), -torch.rand(2), torch.randn(1, 10, 1, 3),
+            torch.randn(1, 10, 1, 3))
+
+
+def _all_ops_forced(mode):
+    x, dt, A, B, C = _scan_inputs()
+    calls = {
+        "ssd_chunk_scan": lambda: ops.ssd_chunk_scan(x, dt, A, B, C, 4, backend=mode),
+        "causal_conv1d": lambda: ops.causal_conv1d(x[0].T[None], torch.randn(4, 4), backend=mode),
+        "causal_conv1d_update": lambda: ops.causal_conv1d_update(x[:, 0, 0], torch.zeros(1, 4, 4), torch.randn(4, 4),
+                                                                 backend=mode),
+        "ssm_state_update": lambda: ops.ssm_state_update(torch.zeros(1, 2, 4, 3), x[:, 0], dt[:, 0], A, B[:, 0],
+                                                         C[:, 0], backend=mode),
+        "rms_norm": lambda: ops.rms_norm(x, torch.ones(4), 1e-5, backend=mode),
+        "gated_rms_norm": lambda: ops.gated_rms_norm(x, x, torch.ones(4), 1e-5, backend=mode),
+    }
+    return calls
+
+
+@pytest.mark.parametrize("op", list(_all_ops_forced("auto")))
+def test_triton_on_cpu_raises_clear_error(op):
+    with pytest.raises(KernelUnavailableError, match="needs CUDA tensors"):
+        _all_ops_forced("triton")[op]()
+
+
+@pytest.mark.parametrize("op", list(_all_ops_forced("auto")))
+def test_auto_on_cpu_is_the_silent_torch_reference(op):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = _all_ops_forced("auto")[op]()
+    torch.testing.assert_close(auto, _all_ops_forced("torch")[op](), rtol=0, atol=0)
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv(ops.ENV_VAR, "triton")
+    with pytest.raises(KernelUnavailableError):
+        _all_ops_forced("auto")["ssd_chunk_scan"]()
+    _all_ops_forced("torch")["ssd_chunk_scan"]()  # an explicit backend wins over the environment
+    monkeypatch.setenv(ops.ENV_VAR, "torch")
+    _all_ops_forced("auto")["ssd_chunk_scan"]()
+    monkeypatch.setenv(ops.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match=ops.ENV_VAR):
+        _all_ops_forced("auto")["ssd_chunk_scan"]()
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _all_ops_forced("fast")["rms_norm"]()
+
+
+def test_kernel_backend_info_reports_availability():
+    info = ops.kernel_backend_info()
+    assert set(info) >= {"env_override", "cuda_available", "mamba_ssm_triton", "causal_conv1d", "auto_on_cuda",
+                         "auto_on_cpu"}
+    assert info["auto_on_cpu"] == "torch"
+    for key in ("mamba_ssm_triton", "causal_conv1d"):
+        entry = info[key]
+        assert isinstance(entry["available"], bool)
+        assert entry["available"] == (entry["error"] is None)
+    if not info["mamba_ssm_triton"]["available"]:
+        assert "mamba_ssm" in info["mamba_ssm_triton"]["error"]
+        assert info["auto_on_cuda"]["ssd_chunk_scan"] == "torch"
+
+
+def _fake_cuda(dtype=torch.float32):
+    return types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
+
+
+def test_cuda_fallback_warns_once_with_the_reason(monkeypatch):
+    def unavailable():
+        raise KernelUnavailableError("mamba_ssm is not installed (ModuleNotFoundError: boom)")
+
+    monkeypatch.setattr(backend, "load_mamba_ssm_kernels", unavailable)
+    with pytest.warns(ops.KernelFallbackWarning, match="SLOW.*boom"):
+        assert backend._mamba_kernels("ssd_chunk_scan", "auto", _fake_cuda()) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend._mamba_kernels("gated_rms_norm", "auto", _fake_cuda()) is None  # once per process
+        assert backend._mamba_kernels("ssd_chunk_scan", "torch", _fake_cuda()) is None  # explicit: no warning
+    with pytest.raises(KernelUnavailableError, match="boom"):
+        backend._mamba_kernels("ssd_chunk_scan", "triton", _fake_cuda())
+    with pytest.warns(ops.KernelFallbackWarning, match="float64"):
+        backend._mamba_kernels("ssd_chunk_scan", "auto", _fake_cuda(torch.float64))
+
+
+def test_cuda_tensors_route_to_the_loaded_kernels(monkeypatch):
+    calls = {}
+
+    def record(name):
+        def kernel(*args, **kwargs):
+            calls[name] = (args, kwargs)
+            return name
+        return kernel
+
+    fake = MambaSsmKernels(mamba_chunk_scan_combined=record("scan"), selective_state_update=record("step"),
+                           rmsnorm_fn=record("norm"), how="fake")
+    monkeypatch.setattr(backend, "load_mamba_ssm_kernels", lambda: fake)
+    x = _fake_cuda()
+    seq_idx = torch.tensor([[7, 7, 9, 9, 9]], dtype=torch.int32)
+    assert ops.ssd_chunk_scan(x, None, None, None, None, 4, seq_idx=seq_idx, dt_softplus=True) == "scan"
+    kwargs = calls["scan"][1]
+    assert kwargs["dt_softplus"] is True and kwargs["seq_idx"].dtype == torch.int32
+    assert kwargs["seq_idx"].tolist() == [[1, 1, 2, 2, 2]]  # ids turned into segments (first id != 0: no init)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(backend, "_norm_fits_kernel", lambda *a: True)
+        z = torch.zeros(1)
+        assert ops.gated_rms_norm(types.SimpleNamespace(device=x.device, dtype=x.dtype, shape=(2, 8)), z,
+                                  torch.ones(8), 1e-5, group_size=4) == "norm"
+    assert calls["norm"][1]["group_size"] == 4 and calls["norm"][1]["norm_before_gate"] is False
+
+
+def test_loader_reaches_triton_submodules_when_package_init_fails(tmp_path, monkeypatch):
+    """A mamba_ssm whose __init__ fails (missing CUDA extension) still yields its Triton submodules."""
+    if importlib.util.find_spec("mamba_ssm") is not None:
+        pytest.skip("a real mamba_ssm is installed; the fake package would be shadowed")
+    root = tmp_path / "mamba_ssm"
+    (root / "ops" / "triton").mkdir(parents=True)
+    (root / "__init__.py").write_text("import selective_scan_cuda  # noqa\n")
+    (root / "ops" / "__init__.py").write_text("")
+    (root / "ops" / "triton" / "__init__.py").write_text("")
+    for module, function in (("ssd_combined", "mamba_chunk_scan_combined"),
+                             ("selective_state_update", "selective_state_update"),
+                             ("layernorm_gated", "rmsnorm_fn")):
+        (root / "ops" / "triton" / f"{module}.py").write_text(
+            f"from mamba_ssm.ops.triton import __name__ as _parent\n\ndef {function}(*a, **k):\n    return '{module}'\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mamba_ssm_loader.reset_kernel_cache()
+    try:
+        kernels = mamba_ssm_loader.load_mamba_ssm_kernels()
+        assert kernels.mamba_chunk_scan_combined() == "ssd_combined"
+        assert kernels.rmsnorm_fn() == "layernorm_gated"
+        assert "bare package" in kernels.how and "selective_scan_cuda" in kernels.how
+        assert not hasattr(sys.modules["mamba_ssm"], "selective_scan_fn")  # __init__ never ran to completion
+    finally:
+        for name in [name for name in sys.modules if name == "mamba_ssm" or name.startswith("mamba_ssm.")]:
+            del sys.modules[name]
+        mamba_ssm_loader.reset_kernel_cache()
+
+
+def test_nothing_imports_mamba_ssm_eagerly():
+    assert "mamba_ssm.ops.triton.ssd_combined" not in sys.modules or importlib.util.find_spec("mamba_ssm")
