@@ -27,6 +27,25 @@ def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
     return (same_document & causal)[:, None]
 
 
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one new query per row over that row's cached keys.
+
+    q [b, hq, d]; k_cache / v_cache [b, hkv, L, d] with the new token's key and value already written at
+    ``positions`` [b]; row ``i`` attends to keys ``0 .. positions[i]`` only (longer rows of the batch, or stale
+    entries of a reused cache slot, are masked). Query heads are grouped per key head without repeating the cache.
+    Returns [b, hq, d].
+    """
+    batch, heads, dim = q.shape
+    kv_heads, length = k_cache.shape[1], k_cache.shape[2]
+    scores = q.reshape(batch, kv_heads, heads // kv_heads, dim) @ k_cache.transpose(-1, -2)  # [b, hkv, hpg, L]
+    scores = scores.float() * dim**-0.5
+    future = torch.arange(length, device=q.device) > positions[:, None]  # [b, L]
+    probs = scores.masked_fill(future[:, None, None], float("-inf")).softmax(dim=-1).to(v_cache.dtype)
+    return (probs @ v_cache).view(batch, heads, dim)
+
+
 class SDPAttention(nn.Module):
     """Core attention through ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient on GPU)."""
 
@@ -100,10 +119,37 @@ class SelfAttention(nn.Module):
         if config.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(self.head_dim, config.rotary_percent, config.rotary_base)
 
+    def allocate_inference_cache(
+        self,
+        batch_size: int,
+        max_sequence_length: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed key and value caches of this rank, each [b, kv_heads_local, max_sequence_length, head_dim].
+
+        Zeros, not empty memory: masked positions still enter ``probs @ v`` with weight 0, and 0 * NaN would be NaN.
+        """
+        weight = self.linear_qkv.weight
+        shape = (batch_size, self.groups_local, max_sequence_length, self.head_dim)
+        device = device if device is not None else weight.device
+        return (torch.zeros(shape, device=device, dtype=dtype or weight.dtype),
+                torch.zeros(shape, device=device, dtype=dtype or weight.dtype))
+
     def forward(
-        self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inference_context=None,
     ) -> torch.Tensor:
-        """``hidden_states`` [s, b, hidden] -> [s, b, hidden]; ``position_ids`` [b, s] drive RoPE."""
+        """``hidden_states`` [s, b, hidden] -> [s, b, hidden]; ``position_ids`` [b, s] drive RoPE.
+
+        ``inference_context`` (``megatron_hybrid.inference.InferenceContext``): a prefill (from an empty cache)
+        stores the keys and values of its ``s`` tokens; a decode step (``s == 1``) writes its key and value at each
+        row's position and attends over the row's cache.
+        """
         qkv = self.linear_qkv(hidden_states)  # [s, b, groups_local * (heads_per_group + 2) * d]
         seqlen, batch, _ = qkv.shape
         qkv = qkv.view(seqlen, batch, self.groups_local, self.heads_per_group + 2, self.head_dim)
@@ -115,6 +161,25 @@ class SelfAttention(nn.Module):
                 position_ids = torch.arange(seqlen, device=q.device).expand(batch, seqlen)
             cos, sin = self.rotary(position_ids)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        context = self.core_attention(q, k, v, seq_idx)  # [b, heads_local, s, d]
+        if inference_context is None:
+            context = self.core_attention(q, k, v, seq_idx)  # [b, heads_local, s, d]
+        else:
+            context = self._cached_attention(q, k, v, inference_context)
         context = context.permute(2, 0, 1, 3).reshape(seqlen, batch, self.heads_local * self.head_dim)
         return self.linear_proj(context)
+
+    def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inference_context) -> torch.Tensor:
+        k_cache, v_cache = inference_context.kv_cache(self.layer_number)
+        if not inference_context.is_decode:
+            seqlen = k.shape[2]
+            k_cache[:, :, :seqlen].copy_(k)
+            v_cache[:, :, :seqlen].copy_(v)
+            return self.core_attention(q, k, v)
+        positions = inference_context.decode_positions()  # [b]
+        batch, kv_heads, _, dim = k.shape
+        index = positions.view(batch, 1, 1, 1).expand(batch, kv_heads, 1, dim)
+        k_cache.scatter_(2, index, k)
+        v_cache.scatter_(2, index, v)
+        length = inference_context.attention_length  # keys beyond every row's position are never read
+        context = decode_attention(q[:, :, 0], k_cache[:, :, :length], v_cache[:, :, :length], positions)
+        return context.unsqueeze(2)

@@ -1,7 +1,8 @@
 """Pre-norm residual layers, one per symbol of the layer pattern: ``M`` Mamba, ``*`` attention, ``-`` MLP.
 
 Each is ``x + inner(norm(x))``. The attribute names (``norm`` / ``mixer``, ``input_layernorm`` / ``self_attention``,
-``pre_mlp_layernorm`` / ``mlp``) are Megatron's, so checkpoints and conversion tools line up.
+``pre_mlp_layernorm`` / ``mlp``) are Megatron's, so checkpoints and conversion tools line up. ``inference_context``
+(cached generation, ``megatron_hybrid.inference``) reaches the mixers that keep per-sequence state; MLPs ignore it.
 """
 
 from __future__ import annotations
@@ -71,10 +72,17 @@ class MambaLayer(_PreNormResidual):
         self.mixer = build_module(submodules.mixer, config=config, groups=groups, layer_number=layer_number)
 
     def forward(
-        self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inference_context=None,
     ) -> torch.Tensor:
         return self._residual_add(
-            hidden_states, self.mixer(self.norm(self._inner_input(hidden_states)), seq_idx=seq_idx)
+            hidden_states,
+            self.mixer(
+                self.norm(self._inner_input(hidden_states)), seq_idx=seq_idx, inference_context=inference_context
+            ),
         )
 
 
@@ -106,10 +114,17 @@ class AttentionLayer(_PreNormResidual):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inference_context=None,
     ) -> torch.Tensor:
         update = self.self_attention(
-            self.input_layernorm(self._inner_input(hidden_states)), seq_idx=seq_idx, position_ids=position_ids
+            self.input_layernorm(self._inner_input(hidden_states)),
+            seq_idx=seq_idx,
+            position_ids=position_ids,
+            inference_context=inference_context,
         )
         return self._residual_add(hidden_states, update)
 
@@ -140,6 +155,10 @@ class MLPLayer(_PreNormResidual):
         self.mlp = build_module(submodules.mlp, config=config, groups=groups, layer_number=layer_number)
 
     def forward(
-        self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inference_context=None,
     ) -> torch.Tensor:
         return self._residual_add(hidden_states, self.mlp(self.pre_mlp_layernorm(self._inner_input(hidden_states))))

@@ -18,7 +18,13 @@ from torch import nn
 from megatron_hybrid.config import HybridConfig
 from megatron_hybrid.layers.init import normal_init, scaled_normal_init
 from megatron_hybrid.layers.sharded_param import sharded_parameter
-from megatron_hybrid.ops import causal_conv1d, gated_rms_norm, ssd_chunk_scan
+from megatron_hybrid.ops import (
+    causal_conv1d,
+    causal_conv1d_update,
+    gated_rms_norm,
+    ssd_chunk_scan,
+    ssm_state_update,
+)
 from megatron_hybrid.parallel.state import ParallelGroups
 from megatron_hybrid.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_hybrid.spec import build_module
@@ -46,9 +52,28 @@ class CausalConv1d(nn.Module):
                 torch.empty(channels, dtype=dtype).uniform_(-bound, bound), groups, components
             )
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` [b, channels_local, s] -> silu(conv(x)) of the same shape."""
-        return causal_conv1d(x, self.weight.squeeze(1), self.bias, activation="silu", seq_idx=seq_idx)
+    def forward(
+        self, x: torch.Tensor, seq_idx: torch.Tensor | None = None, conv_state: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x`` [b, channels_local, s] -> silu(conv(x)) of the same shape.
+
+        With ``conv_state`` [b, channels_local, state_len] (an inference cache, prefill from an empty state), the last
+        ``state_len`` inputs of ``x`` (zero-padded on the left for short prompts) are written into it.
+        """
+        if conv_state is None:
+            return causal_conv1d(x, self.weight.squeeze(1), self.bias, activation="silu", seq_idx=seq_idx)
+        out, final = causal_conv1d(
+            x, self.weight.squeeze(1), self.bias, activation="silu", seq_idx=seq_idx, return_final_states=True
+        )
+        # ops return the newest w - 1 inputs; a cache may be wider (d_conv, like mamba_ssm), its oldest columns unread.
+        keep = final.shape[-1]
+        conv_state[..., conv_state.shape[-1] - keep :].copy_(final)
+        conv_state[..., : conv_state.shape[-1] - keep].zero_()
+        return out
+
+    def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
+        """One decode step: ``x`` [b, channels_local] -> silu(conv) [b, channels_local]; ``conv_state`` updated."""
+        return causal_conv1d_update(x, conv_state, self.weight.squeeze(1), self.bias, activation="silu")
 
 
 class GatedRMSNorm(nn.Module):
@@ -138,15 +163,48 @@ class MambaMixer(nn.Module):
             dtype=config.params_dtype,
         )
 
-    def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``hidden_states`` [s, b, hidden] (the local sequence slice under sequence parallelism) -> same shape."""
+    def allocate_inference_cache(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        ssm_state_dtype: torch.dtype = torch.float32,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed decode caches of this rank: conv state [b, conv_dim_local, d_conv] (in the conv's dtype, as the
+        conv-update kernels want) and SSM state [b, nheads_local, headdim, d_state] (float32 by default: the state
+        accumulates over the whole sequence, so rounding it to bf16 every token would drift)."""
+        conv_weight = self.conv1d.weight
+        conv_state = torch.zeros(
+            batch_size, conv_weight.shape[0], conv_weight.shape[-1],
+            device=device if device is not None else conv_weight.device, dtype=dtype or conv_weight.dtype,
+        )
+        ssm_state = torch.zeros(
+            batch_size, self.nheads_local, self.headdim, self.d_state, device=conv_state.device, dtype=ssm_state_dtype
+        )
+        return conv_state, ssm_state
+
+    def forward(
+        self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None, inference_context=None
+    ) -> torch.Tensor:
+        """``hidden_states`` [s, b, hidden] (the local sequence slice under sequence parallelism) -> same shape.
+
+        ``inference_context`` (``megatron_hybrid.inference.InferenceContext``): a decode step reads and advances this
+        layer's cached states; a prefill (from empty states) runs the full-sequence path below and stores the final
+        conv inputs and SSM state in the cache.
+        """
+        conv_state = ssm_state = None
+        if inference_context is not None:
+            conv_state, ssm_state = inference_context.mamba_states(self.layer_number)
+            if inference_context.is_decode:
+                return self._decode_step(hidden_states, conv_state, ssm_state)
         zxbcdt = self.in_proj(hidden_states).transpose(0, 1)  # [b, s, local width]
         batch, seqlen, _ = zxbcdt.shape
         group_width = self.ngroups_local * self.d_state
         z, xbc, dt = torch.split(
             zxbcdt, [self.d_inner_local, self.d_inner_local + 2 * group_width, self.nheads_local], dim=-1
         )
-        xbc = self.conv1d(xbc.transpose(1, 2), seq_idx).transpose(1, 2)
+        xbc = self.conv1d(xbc.transpose(1, 2), seq_idx, conv_state=conv_state).transpose(1, 2)
         x, B, C = torch.split(xbc, [self.d_inner_local, group_width, group_width], dim=-1)
         y = ssd_chunk_scan(
             x.reshape(batch, seqlen, self.nheads_local, self.headdim),
@@ -160,6 +218,37 @@ class MambaMixer(nn.Module):
             dt_softplus=True,
             dt_limit=self.config.mamba_dt_limit,
             seq_idx=seq_idx,
+            return_final_states=ssm_state is not None,
         )
+        if ssm_state is not None:
+            y, final_state = y
+            ssm_state.copy_(final_state)
         y = self.norm(y.reshape(batch, seqlen, self.d_inner_local), z)
         return self.out_proj(y.transpose(0, 1))
+
+    def _decode_step(
+        self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
+    ) -> torch.Tensor:
+        """One token per row: ``hidden_states`` [1, b, hidden]; conv and SSM states advance in place."""
+        zxbcdt = self.in_proj(hidden_states)[0]  # [b, local width]
+        batch = zxbcdt.shape[0]
+        group_width = self.ngroups_local * self.d_state
+        z, xbc, dt = torch.split(
+            zxbcdt, [self.d_inner_local, self.d_inner_local + 2 * group_width, self.nheads_local], dim=-1
+        )
+        xbc = self.conv1d.step(xbc, conv_state)
+        x, B, C = torch.split(xbc, [self.d_inner_local, group_width, group_width], dim=-1)
+        y = ssm_state_update(
+            ssm_state,
+            x.reshape(batch, self.nheads_local, self.headdim),
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.reshape(batch, self.ngroups_local, self.d_state),
+            C.reshape(batch, self.ngroups_local, self.d_state),
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=self.config.mamba_dt_limit,
+        )
+        y = self.norm(y.reshape(batch, self.d_inner_local), z)
+        return self.out_proj(y.unsqueeze(0))

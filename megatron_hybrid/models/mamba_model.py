@@ -107,6 +107,7 @@ class MambaModel(nn.Module):
         seq_idx: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
+        inference_context=None,
     ) -> torch.Tensor:
         """Run the model (or this pipeline stage).
 
@@ -115,8 +116,15 @@ class MambaModel(nn.Module):
         attention crosses a document boundary, and RoPE positions restart per document.
         Returns logits [b, s, vocab] (gathered over tensor parallelism, padding removed), or the per-token loss
         [b, s] when ``labels`` are given, or hidden states [s, b, h] on a stage without the output layer.
+
+        ``inference_context`` (``megatron_hybrid.inference.InferenceContext``) switches to cached generation: a
+        prefill of prompts into empty cache slots, or one decode step (``s == 1``) of every active slot, with RoPE
+        positions taken from the context. With its ``last_token_logits_only`` only the last position's logits are
+        computed (a long prompt's full [s, vocab] logits would not fit).
         """
         groups, config = self.groups, self.config
+        if inference_context is not None and position_ids is None and inference_context.is_decode:
+            position_ids = inference_context.decode_positions()[:, None]
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
             if position_ids is None:
@@ -131,9 +139,13 @@ class MambaModel(nn.Module):
         elif hidden_states is None:
             raise ValueError("a pipeline stage without the embedding needs hidden_states from the previous stage")
 
-        hidden_states = self.decoder(hidden_states, seq_idx=seq_idx, position_ids=position_ids)
+        hidden_states = self.decoder(
+            hidden_states, seq_idx=seq_idx, position_ids=position_ids, inference_context=inference_context
+        )
         if not self.post_process:
             return hidden_states
+        if inference_context is not None and inference_context.last_token_logits_only:
+            hidden_states = hidden_states[-1:]
 
         if config.sequence_parallel:
             hidden_states = gather_from_sequence_parallel(hidden_states, groups.tp)

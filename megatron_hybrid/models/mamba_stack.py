@@ -45,6 +45,7 @@ class MambaStack(nn.Module):
         if not 0 <= start < end <= len(pattern):
             raise ValueError(f"layer_range {layer_range} is not a non-empty slice of the {len(pattern)}-layer pattern")
         self.layer_range = (start, end)
+        self.params_dtype = config.params_dtype
         self.layers = nn.ModuleDict()
         for index in range(start, end):
             spec = getattr(submodules, LAYER_SYMBOLS[pattern[index]])
@@ -60,10 +61,17 @@ class MambaStack(nn.Module):
             )
 
     def forward(
-        self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inference_context=None,
     ) -> torch.Tensor:
         for layer in self.layers.values():
-            hidden_states = layer(hidden_states, seq_idx=seq_idx, position_ids=position_ids)
+            hidden_states = layer(
+                hidden_states, seq_idx=seq_idx, position_ids=position_ids, inference_context=inference_context
+            )
         if self.final_norm is not None:
-            hidden_states = self.final_norm(hidden_states)
+            # A float32 residual stream (residual_in_fp32) is read in the working precision, as each layer's norm does.
+            hidden_states = self.final_norm(hidden_states.to(self.params_dtype))
         return hidden_states

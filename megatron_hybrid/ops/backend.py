@@ -34,7 +34,7 @@ from megatron_hybrid.ops.mamba_ssm_loader import (
     load_mamba_ssm_kernels,
 )
 from megatron_hybrid.ops.norm import gated_rms_norm_ref, rms_norm_ref
-from megatron_hybrid.ops.ssd import ssd_chunk_scan_ref
+from megatron_hybrid.ops.ssd import check_ssd_shapes, ssd_chunk_scan_ref
 from megatron_hybrid.ops.state_update import causal_conv1d_update_ref, ssm_state_update_ref
 
 ENV_VAR = "MEGATRON_HYBRID_KERNELS"
@@ -145,6 +145,7 @@ def ssd_chunk_scan(
             x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
             initial_states=initial_states, seq_idx=seq_idx, return_final_states=return_final_states,
         )
+    check_ssd_shapes(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)  # clear errors, not asserts
     segments = segment_ids(seq_idx).to(torch.int32).contiguous() if seq_idx is not None else None
     return kernels.mamba_chunk_scan_combined(
         x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=segments,
@@ -154,7 +155,17 @@ def ssd_chunk_scan(
 
 
 def _channel_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(1) == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
+    """[b, d, l] with d fastest in memory and 8-aligned strides, as causal_conv1d's channel-last kernel demands."""
+    if t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.stride(2) % 8 == 0:
+        return t
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _conv_layout(x: torch.Tensor, need_channel_last: bool) -> torch.Tensor:
+    """A layout causal_conv1d accepts: channel-last when needed or already (aligned), else contiguous [b, d, l]."""
+    if need_channel_last or (x.stride(1) == 1 and x.stride(2) > 1 and x.shape[1] % 8 == 0):
+        return _channel_last(x)
+    return x if x.stride(2) == 1 else x.contiguous()
 
 
 def causal_conv1d(
@@ -192,8 +203,7 @@ def causal_conv1d(
         )
         if usable:
             segments = None
-            if seq_idx is not None or states:
-                x = _channel_last(x)
+            x = _conv_layout(x, need_channel_last=seq_idx is not None or states)
             if seq_idx is not None:
                 segments = segment_ids(seq_idx).to(torch.int32).contiguous()
             if initial_states is not None:

@@ -28,7 +28,7 @@ from megatron_hybrid.ops._common import compute_dtype, process_dt, segment_ids
 STATE_PASSING_MATMUL_MAX_CHUNKS = 64
 
 
-def _check_shapes(
+def check_ssd_shapes(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -41,6 +41,7 @@ def _check_shapes(
     initial_states: torch.Tensor | None,
     seq_idx: torch.Tensor | None,
 ) -> None:
+    """Raise one ValueError listing every shape problem (shared by the reference and the Triton dispatch)."""
     if x.dim() != 4:
         raise ValueError(f"x must be [batch, seqlen, nheads, headdim], got shape {tuple(x.shape)}")
     b, l, h, p = x.shape
@@ -153,7 +154,7 @@ def ssd_chunk_scan_ref(
     mamba_ssm). With ``seq_idx`` the final state is that of the last document; ``initial_states`` only reach the
     leading document, and only when its id is 0 (mamba_ssm's rule).
     """
-    _check_shapes(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
+    check_ssd_shapes(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     hg = h // g

@@ -81,18 +81,19 @@ def ssm_state_update_ref(
             f"ssm_state_update: shapes state {tuple(state.shape)}, x {tuple(x.shape)}, B {tuple(B.shape)}, "
             f"C {tuple(C.shape)} are inconsistent (want x [b,h,p], B/C [b,g,n] with g dividing h)"
         )
+    hg = h // g
     cdt = compute_dtype(state, x, dt, A, B, C)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)
     dt = dt.unsqueeze(-1) if dt.dim() == 2 else dt  # [b, h, 1 or p]
     Ac = A.to(cdt)
     Ac = Ac[:, None, None] if Ac.dim() == 1 else Ac  # [h, 1, 1] or [h, p, n]
     decay = torch.exp(dt.unsqueeze(-1) * Ac)  # [b, h, 1 or p, 1 or n]
-    Bh = B.to(cdt).repeat_interleave(h // g, dim=1)  # [b, h, n]: tiny at decode time
-    Ch = C.to(cdt).repeat_interleave(h // g, dim=1)
     xc = x.to(cdt)
-    new_state = state.to(cdt) * decay + (dt * xc).unsqueeze(-1) * Bh.unsqueeze(2)
-    state.copy_(new_state)
-    y = (new_state @ Ch.unsqueeze(-1)).squeeze(-1)  # [b, h, p]
+    # Grouped view [b, g, hg, ...]: the heads of a group share B and C by broadcasting.
+    added = (dt * xc).reshape(b, g, hg, p, 1) * B.to(cdt).reshape(b, g, 1, 1, n)
+    new_state = (state.to(cdt) * decay).reshape(b, g, hg, p, n) + added
+    y = (new_state @ C.to(cdt).reshape(b, g, 1, n, 1)).reshape(b, h, p)
+    state.copy_(new_state.reshape(b, h, p, n))
     if D is not None:
         Dc = D.to(cdt)
         y = y + xc * (Dc[:, None] if Dc.dim() == 1 else Dc)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,10 +32,11 @@ def _scan_inputs():
 
 def _all_ops_forced(mode):
     x, dt, A, B, C = _scan_inputs()
+    weight = torch.randn(4, 4)
     calls = {
         "ssd_chunk_scan": lambda: ops.ssd_chunk_scan(x, dt, A, B, C, 4, backend=mode),
-        "causal_conv1d": lambda: ops.causal_conv1d(x[0].T[None], torch.randn(4, 4), backend=mode),
-        "causal_conv1d_update": lambda: ops.causal_conv1d_update(x[:, 0, 0], torch.zeros(1, 4, 4), torch.randn(4, 4),
+        "causal_conv1d": lambda: ops.causal_conv1d(x[:, :, 0].transpose(1, 2), weight, backend=mode),
+        "causal_conv1d_update": lambda: ops.causal_conv1d_update(x[:, 0, 0], torch.zeros(1, 4, 4), weight,
                                                                  backend=mode),
         "ssm_state_update": lambda: ops.ssm_state_update(torch.zeros(1, 2, 4, 3), x[:, 0], dt[:, 0], A, B[:, 0],
                                                          C[:, 0], backend=mode),
@@ -121,6 +124,7 @@ def test_cuda_tensors_route_to_the_loaded_kernels(monkeypatch):
     fake = MambaSsmKernels(mamba_chunk_scan_combined=record("scan"), selective_state_update=record("step"),
                            rmsnorm_fn=record("norm"), how="fake")
     monkeypatch.setattr(backend, "load_mamba_ssm_kernels", lambda: fake)
+    monkeypatch.setattr(backend, "check_ssd_shapes", lambda *args: None)
     x = _fake_cuda()
     seq_idx = torch.tensor([[7, 7, 9, 9, 9]], dtype=torch.int32)
     assert ops.ssd_chunk_scan(x, None, None, None, None, 4, seq_idx=seq_idx, dt_softplus=True) == "scan"
@@ -164,5 +168,12 @@ def test_loader_reaches_triton_submodules_when_package_init_fails(tmp_path, monk
         mamba_ssm_loader.reset_kernel_cache()
 
 
-def test_nothing_imports_mamba_ssm_eagerly():
-    assert "mamba_ssm.ops.triton.ssd_combined" not in sys.modules or importlib.util.find_spec("mamba_ssm")
+def test_importing_ops_does_not_import_gpu_packages():
+    code = (
+        "import sys, megatron_hybrid.ops\n"
+        "eager = [m for m in sys.modules if m.split('.')[0] in ('mamba_ssm', 'causal_conv1d', 'triton')]\n"
+        "assert not eager, eager\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -140,9 +140,9 @@ def test_bad_shapes_raise():
     t = _inputs()
     with pytest.raises(ValueError, match="dt must be"):
         ssd_chunk_scan(t["x"], t["dt"][:, :-1], t["A"], t["B"], t["C"], 8)
+    three_groups = t["B"][:, :, :1].repeat(1, 1, 3, 1)  # 4 heads cannot be split into 3 groups
     with pytest.raises(ValueError, match="not divisible"):
-        ssd_chunk_scan(t["x"], t["dt"], t["A"], t["B"].repeat(1, 1, 3, 1)[:, :, :3], t["C"][:, :, :1].repeat(1, 1, 3, 1),
-                       8)
+        ssd_chunk_scan(t["x"], t["dt"], t["A"], three_groups, three_groups, 8)
     with pytest.raises(ValueError, match="initial_states"):
         ssd_chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, initial_states=t["initial_states"][:, :1])
 
