@@ -134,8 +134,9 @@ class GenerationScheduler:
     """The one thread that owns the engine (which is not thread-safe).
 
     ``submit`` and ``abort`` may be called from any thread; they only enqueue commands. The scheduler thread applies
-    them, runs ``engine.step()`` while any request is unfinished and calls each request's ``sink`` with its
-    :class:`TokenEvent` objects (or one :class:`SchedulerFailure`). A sink is dropped after its finishing event or an
+    them, runs ``engine.step()`` while any request is unfinished and calls each request's ``sink`` with
+    ``(TokenEvent, GenerationOutput | None)`` pairs (the output, popped from the engine, comes with the finishing event)
+    or one :class:`SchedulerFailure`. A sink is dropped after its finishing event or an
     abort; it must not block (the server's sinks only schedule work on the asyncio loop).
     """
 
@@ -153,6 +154,8 @@ class GenerationScheduler:
         self._pending = 0  # submitted, not yet finished / aborted / failed (counted on the caller's side)
         self.stats = {"submitted": 0, "finished": 0, "aborted": 0, "failed": 0, "steps": 0}
         self.engine_busy = False
+        self.engine_active = 0
+        self.engine_waiting = 0
         self.last_error: str | None = None
 
     # -- called from any thread
@@ -214,7 +217,7 @@ class GenerationScheduler:
                     self._pending -= 1
                 _deliver(sink, SchedulerFailure(400, str(e)))
                 return
-            except Exception as e:  # noqa: BLE001 - an engine bug must not kill the scheduler
+            except Exception as e:  # an engine bug must not kill the scheduler
                 log.exception("engine.add_request failed")
                 self.stats["failed"] += 1
                 with self._lock:
@@ -228,7 +231,7 @@ class GenerationScheduler:
                 self.stats["aborted"] += 1
                 try:
                     self.engine.abort(request_id)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("engine.abort(%s) failed", request_id)
 
     def _drain(self, block: bool) -> None:
@@ -271,36 +274,50 @@ class GenerationScheduler:
                 try:
                     self.engine_busy = bool(self.engine.has_unfinished())
                     if not self.engine_busy:
+                        self.engine_active = _call_int(self.engine, "num_active")
+                        self.engine_waiting = _call_int(self.engine, "num_waiting")
                         continue
                     events = self.engine.step()
                     self.stats["steps"] += 1
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     log.exception("engine.step failed; failing the active requests")
                     self.last_error = f"{type(e).__name__}: {e}"
                     self._fail_all(f"internal error during generation: {type(e).__name__}: {e}")
                     self.engine_busy = self._safe_has_unfinished()
                     continue
+                self.engine_active = _call_int(self.engine, "num_active")
+                self.engine_waiting = _call_int(self.engine, "num_waiting")
                 for event in events:
+                    output = None
+                    if event.finished and event.finish_reason != "abort":
+                        # The engine keeps finished outputs until popped: always pop (prompt log-probs live there).
+                        with contextlib.suppress(KeyError):
+                            output = self.engine.pop_output(event.request_id)
                     sink = self._sinks.get(event.request_id)
                     if sink is None:
                         continue  # aborted meanwhile
                     if event.finished:
                         self._release(event.request_id)
                         self.stats["finished"] += 1
-                    _deliver(sink, event)
+                    _deliver(sink, (event, output))
             self._fail_all("the server is shutting down")
 
     def _safe_has_unfinished(self) -> bool:
         try:
             return bool(self.engine.has_unfinished())
-        except Exception:  # noqa: BLE001
+        except Exception:
             return False
+
+
+def _call_int(obj: Any, name: str) -> int:
+    method = getattr(obj, name, None)
+    return int(method()) if method is not None else 0
 
 
 def _deliver(sink: Callable[[Any], None], item: Any) -> None:
     try:
         sink(item)
-    except Exception:  # noqa: BLE001 - a closed event loop (server shutting down) must not stop the scheduler
+    except Exception:  # a closed event loop (server shutting down) must not stop the scheduler
         log.debug("dropping an event for a gone client", exc_info=True)
 
 
@@ -351,24 +368,30 @@ def _common_prefix(a: str, b: str) -> int:
 
 @dataclass
 class _Completion:
-    """State of one engine request as seen by a handler: generated ids, logprobs, text and why it ended."""
+    """State of one engine request as seen by a handler: generated ids, logprobs, text and why it ended.
+
+    ``include_stop`` (Megatron): the sequence ends with the token that completed a stop string or the
+    end-of-document token, whole. Otherwise (OpenAI): the text ends before the stop string, and tokens that start
+    at or after the cut (the end-of-document token included) are not part of the answer.
+    """
 
     prompt_ids: list[int]
     stop_strings: tuple[str, ...]
     stop_token_ids: frozenset[int]
-    include_stop: bool  # Megatron keeps the stopping token / newline; OpenAI cuts the stop sequence off
+    include_stop: bool
     tokenizer: Any
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # char offset in `text` where each generated token starts
-    text: str = ""  # all generated text decoded so far (before truncation at a stop string)
-    released: int = 0  # chars of `text` handed out as stream deltas
-    final_len: int | None = None  # set when a stop string cut the text
+    text: str = ""  # generated text decoded so far
+    released: int = 0  # chars of the output text handed out as stream deltas
+    final_len: int | None = None  # where a stop string cut the text (OpenAI semantics)
     finish_reason: str | None = None
     prompt_logprobs: list[float] | None = None
 
     def __post_init__(self) -> None:
         self._detok = _IncrementalText(self.tokenizer, self.prompt_ids)
+        self._searched = 0
 
     @property
     def done(self) -> bool:
@@ -380,27 +403,34 @@ class _Completion:
 
     @property
     def visible_token_count(self) -> int:
-        """Generated tokens that belong to the returned text (tokens after a stop string are dropped)."""
+        """Generated tokens that belong to the answer."""
         n = len(self.token_ids)
+        if self.include_stop:
+            return n
         if self.final_len is not None:
-            n = sum(1 for off in self.offsets if off < self.final_len) if not self.include_stop else n
-        if not self.include_stop and n and self.token_ids[n - 1] in self.stop_token_ids and self.finish_reason:
-            n -= 1
+            return sum(1 for off in self.offsets if off < self.final_len)
+        if n and self.done and self.token_ids[-1] in self.stop_token_ids:
+            return n - 1
         return n
 
     def add(self, token_id: int, logprob: float | None, finished: bool, finish_reason: str | None) -> bool:
-        """Record one event; returns True when this request is complete (engine finished or a stop string hit)."""
+        """Record one event; returns True when the request is complete (engine finished or a stop string hit)."""
         if self.done:
+            return True
+        token_id = int(token_id)
+        if token_id < 0:  # the engine's NO_TOKEN: finished without a new token (max_new_tokens == 0, abort)
+            self.text += self._detok.flush()
+            self.finish_reason = finish_reason or "length"
             return True
         is_stop_token = token_id in self.stop_token_ids
         self.offsets.append(len(self.text))
-        self.token_ids.append(int(token_id))
+        self.token_ids.append(token_id)
         self.logprobs.append(logprob)
-        if not is_stop_token or self.include_stop:
+        shows = self.include_stop or not is_stop_token
+        if shows:
             self.text += self._detok.push(token_id)
         if finished or is_stop_token:
-            if not is_stop_token or self.include_stop:
-                self.text += self._detok.flush()
+            self.text += self._detok.flush()
         if self._check_stop_strings():
             return True
         if is_stop_token:
@@ -413,8 +443,8 @@ class _Completion:
         if not self.stop_strings:
             return False
         longest = max(len(s) for s in self.stop_strings)
-        # Only text that appeared since the last check can complete a new match.
-        start = max(0, min(self.released, len(self.text)) - longest)
+        start = max(0, self._searched - longest + 1)  # only text that appeared since the last check can match anew
+        self._searched = len(self.text)
         best: tuple[int, int] | None = None
         for s in self.stop_strings:
             i = self.text.find(s, start)
@@ -422,22 +452,22 @@ class _Completion:
                 best = (i, len(s))
         if best is None:
             return False
-        self.final_len = best[0] + best[1] if self.include_stop else best[0]
+        begin, length = best
         if self.include_stop:
-            # Megatron semantics: the sequence ends with the token that completed the stop string, whole.
-            last = max(k for k, off in enumerate(self.offsets) if off < self.final_len)
+            # Keep every token up to the one holding the stop string's last character, whole.
+            last = max(k for k, off in enumerate(self.offsets) if off < begin + length)
+            if last + 1 < len(self.offsets):
+                self.text = self.text[: self.offsets[last + 1]]
             del self.token_ids[last + 1 :], self.logprobs[last + 1 :], self.offsets[last + 1 :]
-            self.final_len = None
+        else:
+            self.final_len = begin
         self.finish_reason = "stop"
         return True
 
     def take_delta(self) -> str:
-        """Text not yet streamed that can no longer turn out to be the start of a stop string."""
+        """Output text not streamed yet that can no longer turn out to be the start of a stop string."""
         out = self.output_text
-        if self.done:
-            safe = len(out)
-        else:
-            safe = len(out) - _held_back(out, self.stop_strings)
+        safe = len(out) if self.done else len(out) - _held_back(out, self.stop_strings)
         if safe <= self.released:
             return ""
         delta = out[self.released : safe]
@@ -484,7 +514,7 @@ class MegatronRequest:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 0.0
-    add_BOS: bool = False  # noqa: N815 - Megatron's field name
+    add_BOS: bool = False  # Megatron's field name
     stop_on_eol: bool = False
     stop_on_double_eol: bool = False
     random_seed: int = -1
@@ -762,12 +792,12 @@ class _EngineRequest:
         if isinstance(item, SchedulerFailure):
             self.closed = True
             raise RequestError(item.status, item.message)
-        complete = self.completion.add(item.token_id, item.logprob, item.finished, item.finish_reason)
-        if item.finished:
+        event, output = item
+        if output is not None and output.prompt_logprobs is not None:
+            self.completion.prompt_logprobs = list(output.prompt_logprobs)
+        complete = self.completion.add(event.token_id, event.logprob, event.finished, event.finish_reason)
+        if event.finished:
             self.closed = True
-            extra = getattr(item, "prompt_logprobs", None)
-            if extra is not None:
-                self.completion.prompt_logprobs = list(extra)
         elif complete:  # a stop string ended it before the engine noticed: free the slot now
             self.abort()
 
@@ -926,10 +956,6 @@ def _sampling_params(**kwargs: Any) -> SamplingParams:
         raise RequestError(400, f"invalid sampling parameters: {e}") from None
 
 
-def _score_params(prompt_len_new_tokens: int) -> int:
-    return max(prompt_len_new_tokens, 1)
-
-
 def create_app(service: TextGenerationService) -> FastAPI:
     """The FastAPI application; the scheduler thread runs for the application's lifespan."""
 
@@ -965,6 +991,8 @@ def create_app(service: TextGenerationService) -> FastAPI:
                 "context_length": service.config.context_length,
                 "pending_requests": sched.pending,
                 "engine_busy": sched.engine_busy,
+                "engine_active": sched.engine_active,
+                "engine_waiting": sched.engine_waiting,
                 "stats": dict(sched.stats),
                 "last_error": sched.last_error,
             },
@@ -1003,7 +1031,7 @@ def create_app(service: TextGenerationService) -> FastAPI:
         requests = []
         for i, ids in enumerate(prompt_ids):
             params = _sampling_params(
-                max_new_tokens=1 if scoring else req.tokens_to_generate,
+                max_new_tokens=req.tokens_to_generate,
                 temperature=req.temperature,
                 top_k=req.top_k,
                 top_p=req.top_p,
@@ -1065,7 +1093,7 @@ def create_app(service: TextGenerationService) -> FastAPI:
         requests = []
         for ids in prompt_ids:
             params = _sampling_params(
-                max_new_tokens=1 if scoring else req.max_tokens,
+                max_new_tokens=req.max_tokens,
                 temperature=req.temperature,
                 top_k=req.top_k,
                 top_p=0.0 if req.top_p >= 1.0 else req.top_p,
@@ -1158,7 +1186,9 @@ def create_app(service: TextGenerationService) -> FastAPI:
         try:
             pending = {i: r for i, r in enumerate(requests)}
             for i, r in enumerate(requests):  # the first update of each was awaited already
-                yield _sse({**meta, "choices": [_stream_choice(req, i, prompt_ids[i], r, sent_tokens, echoed)]})
+                chunk = _stream_choice(req, i, prompt_ids[i], r, sent_tokens, echoed)
+                if _has_content(chunk):
+                    yield _sse({**meta, "choices": [chunk]})
                 if r.completion.done:
                     pending.pop(i)
             waits = {asyncio.ensure_future(r.next_update()): i for i, r in pending.items()}
@@ -1178,7 +1208,7 @@ def create_app(service: TextGenerationService) -> FastAPI:
                         return
                     r = requests[i]
                     chunk = _stream_choice(req, i, prompt_ids[i], r, sent_tokens, echoed)
-                    if chunk["text"] or chunk["finish_reason"] or (chunk["logprobs"] and chunk["logprobs"]["tokens"]):
+                    if _has_content(chunk):
                         yield _sse({**meta, "choices": [chunk]})
                     if not r.completion.done:
                         waits[asyncio.ensure_future(r.next_update())] = i
@@ -1208,6 +1238,10 @@ def create_app(service: TextGenerationService) -> FastAPI:
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/completions", completions, methods=["POST"])
     return app
+
+
+def _has_content(chunk: dict[str, Any]) -> bool:
+    return bool(chunk["text"] or chunk["finish_reason"] or (chunk["logprobs"] and chunk["logprobs"]["tokens"]))
 
 
 def _prompt_logprobs(c: _Completion, prompt_len: int) -> list[float | None]:

@@ -3,7 +3,7 @@
 Under sequence parallelism every tensor-parallel rank runs the replicated parts of the model (the RMSNorm weights, the
 row-parallel biases) on its own slice of the sequence only. Their gradients are therefore per-rank partial sums: the
 full gradient is the sum over the tensor-parallel group. Such parameters carry ``param.sequence_parallel = True``
-(see :class:`megatron_hybrid.layers.norm.RMSNorm` and :class:`megatron_hybrid.parallel.tensor_parallel.RowParallelLinear`).
+(see ``megatron_hybrid.layers.norm.RMSNorm`` and ``megatron_hybrid.parallel.tensor_parallel.RowParallelLinear``).
 Megatron-LM performs this reduction in ``finalize_model_grads``; here it is one explicit call in the training step,
 after the backward pass and before any data-parallel reduction, gradient clipping or optimizer step.
 """

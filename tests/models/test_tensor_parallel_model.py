@@ -209,9 +209,8 @@ def _tp_worker(rank: int, world_size: int, reference_states: dict[str, dict[str,
         out["gathered_init"] = gather_full_state_dict(model, groups)
         for path in PATHS:
             out["outputs"][path] = _run_path(model, inputs, path)
-            marked = dict(model.named_parameters())
             out["sp_grads_before_reduce"][path] = {
-                name: p.grad.clone() for name, p in marked.items() if getattr(p, "sequence_parallel", False)
+                name: p.grad.clone() for name, p in model.named_parameters() if getattr(p, "sequence_parallel", False)
             }
             allreduce_sequence_parallel_grads(model, groups)
             grads = _full_grads(model, groups)
@@ -232,7 +231,7 @@ def _tp_worker(rank: int, world_size: int, reference_states: dict[str, dict[str,
 # The TP = 1 reference, computed once per case in the test process.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(case: str) -> dict[str, Any]:
     model = _build(case, ParallelGroups.single())
     inputs = _inputs(case)
@@ -314,3 +313,11 @@ def test_tensor_parallel_model_matches_tp1(tp: int) -> None:
     print(f"\nTP={tp}: worst deviation from TP=1 per case/path (tolerance {TOL:g}):")
     for key, err in worst.items():
         print(f"  {key:45s} {err:.2e}")
+
+
+def test_sequence_parallel_grad_reduction_is_a_no_op_without_tensor_parallelism() -> None:
+    """TP = 1: no communication (torch.distributed is not even initialised here) and the gradients are untouched."""
+    module = _Marked()
+    module.a.grad = torch.ones(3, 2)
+    allreduce_sequence_parallel_grads(module, ParallelGroups.single())
+    assert torch.equal(module.a.grad, torch.ones(3, 2)) and module.b.grad is None
