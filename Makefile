@@ -41,7 +41,8 @@ check-python:
 		echo "make: $(PYTHON) is Python $$("$(PYTHON)" -c 'import platform; print(platform.python_version())');" \
 			"megatron_hybrid needs Python >= 3.10; run e.g. 'make venv PYTHON=python3.11'" >&2; exit 1; }
 
-$(STAMP): pyproject.toml docker/install.sh | check-python
+$(STAMP): pyproject.toml docker/install.sh
+	@$(MAKE) --no-print-directory check-python PYTHON="$(PYTHON)"
 	VENV="$(VENV)" PYTHON="$(PYTHON)" bash docker/install.sh cpu
 	@touch "$@"
 

@@ -16,7 +16,7 @@ from megatron_hybrid.training.triton_cache import configure_triton_cache  # noqa
 
 configure_triton_cache()  # per-rank Triton cache, before anything can compile a kernel
 
-from megatron_hybrid.training.pretrain import main  # noqa: E402
+from megatron_hybrid.training.loop import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

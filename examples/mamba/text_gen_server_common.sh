@@ -10,6 +10,7 @@
 #                   .json file; with an empty TOKENIZER argument the checkpoint's tokenizer settings are used.
 #   PYTHON          interpreter (default: the repository's .venv/bin/python when present, else python3).
 #   MASTER_PORT     torchrun rendezvous port (default 29500).
+#   DRY_RUN=1       print the command, one argument per line, instead of running it.
 # CHECKPOINT is a training checkpoint directory (--load) or a transformers NemotronH directory (--hf-model: it has a
 # config.json and neither latest_checkpointed_iteration.txt nor metadata.json). Extra arguments go to tools/run_text_generation_server.py
 # last, so they override the defaults here (e.g. --port 5001, --host 0.0.0.0, --inference-max-batch-size 32).
@@ -94,14 +95,19 @@ else
     BACKEND=gloo
 fi
 
-exec "${LAUNCHER[@]}" "${REPO_ROOT}/tools/run_text_generation_server.py" \
-    "${SOURCE_ARGS[@]}" \
-    --tensor-model-parallel-size "${TP}" \
-    --pipeline-model-parallel-size 1 \
-    "${MODEL_ARGS[@]}" \
-    "${TOKENIZER_ARGS[@]}" \
-    --distributed-backend "${BACKEND}" \
-    --distributed-timeout-minutes 1440 \
-    --micro-batch-size 1 \
-    --seed 42 \
-    "$@"
+CMD=("${LAUNCHER[@]}" "${REPO_ROOT}/tools/run_text_generation_server.py"
+    "${SOURCE_ARGS[@]}"
+    --tensor-model-parallel-size "${TP}"
+    --pipeline-model-parallel-size 1
+    "${MODEL_ARGS[@]}"
+    "${TOKENIZER_ARGS[@]}"
+    --distributed-backend "${BACKEND}"
+    --distributed-timeout-minutes 1440
+    --micro-batch-size 1
+    --seed 42
+    "$@")
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    printf '%s\n' "${CMD[@]}"  # one argument per line (tests parse it)
+    exit 0
+fi
+exec "${CMD[@]}"

@@ -7,8 +7,9 @@ decoding allocates no cache memory and CUDA graphs can capture the cache tensors
 
 Two kinds of forward use it (the layers read ``is_decode`` and ask for their cache views):
 
-* prefill (``set_prefill(slot)``): one prompt, batch 1, at its exact length, from empty states. Prompts are never
-  padded together, so no padding can leak into a Mamba state or a conv window.
+* prefill (``set_prefill(slot, batch_size)``): prompts of ONE length into the empty slots ``slot ..
+  slot + batch_size - 1``, from empty states. Prompts are never padded (prompts of different lengths are separate
+  prefills), so no padding can leak into a Mamba state or a conv window.
 * decode (``set_decode(batch_size, ...)``): one new token for each of the slots ``0 .. batch_size - 1``, the token of
   slot ``i`` sitting at position ``positions[i]`` (its number of cached tokens). The engine keeps its live sequences in
   the leading slots (a finished sequence's slot is refilled by moving the last one into it, ``move_slot``), so a decode
@@ -78,14 +79,14 @@ class InferenceContext:
 
     # ------------------------------------------------------------------------------------------------ forward modes
 
-    def set_prefill(self, slot: int, *, last_token_logits_only: bool = True) -> None:
-        """The next forward is the prompt of ``slot`` (batch 1, starting from empty states)."""
-        if not 0 <= slot < self.max_batch_size:
-            raise ValueError(f"slot {slot} out of range [0, {self.max_batch_size})")
+    def set_prefill(self, slot: int, batch_size: int = 1, *, last_token_logits_only: bool = True) -> None:
+        """The next forward is ``batch_size`` equally long prompts for slots ``slot ..`` (from empty states)."""
+        if batch_size < 1 or not 0 <= slot <= self.max_batch_size - batch_size:
+            raise ValueError(f"slots [{slot}, {slot + batch_size}) out of range [0, {self.max_batch_size})")
         self.is_decode = False
-        self.batch_size = 1
+        self.batch_size = batch_size
         self.last_token_logits_only = last_token_logits_only
-        self._rows = slice(slot, slot + 1)
+        self._rows = slice(slot, slot + batch_size)
 
     def set_decode(self, batch_size: int, attention_length: int | None = None) -> None:
         """The next forward is one token for each of the slots ``0 .. batch_size - 1`` at ``positions[:batch_size]``.

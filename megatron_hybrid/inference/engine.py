@@ -2,8 +2,9 @@
 
 Each ``step()``:
 
-1. admits waiting requests while slots are free: each prompt is prefilled alone (batch 1, exact length, so no padding
-   ever enters a state) into the next free slot, and its first token is sampled from the prompt's last logits;
+1. admits waiting requests while slots are free (first come, first served): prompts are prefilled at their exact
+   length into the next free slots, several at once only when they have the same length, so no padding ever enters a
+   state; each request's first token is sampled from its prompt's last logits;
 2. runs ONE decode step for every active request together (the new ones included), samples, and emits a
    :class:`TokenEvent` per generated token.
 
@@ -95,7 +96,9 @@ class InferenceEngine:
     ``tokenizer`` (anything with ``detokenize(ids) -> str`` or ``decode``) is needed for stop strings and text.
     ``max_sequence_length`` (prompt + generated tokens; default ``config.max_position_embeddings``) sizes the KV cache.
     ``use_cuda_graphs`` captures the decode step per batch-size bucket on a CUDA model (ignored, with a warning, on
-    CPU). ``ssm_state_dtype`` is the Mamba state's precision (float32 by default). The model is put in eval mode.
+    CPU). ``ssm_state_dtype`` is the Mamba state's precision (float32 by default). ``lean_decode`` lets a float32 CPU
+    model at TP=1 decode through the flattened :class:`~megatron_hybrid.inference.lean_decode.LeanDecoder` (same
+    results, a fraction of the per-layer overhead). The model is put in eval mode.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class InferenceEngine:
         max_sequence_length: int | None = None,
         use_cuda_graphs: bool = False,
         ssm_state_dtype: torch.dtype = torch.float32,
+        lean_decode: bool = True,
     ) -> None:
         config = model.config
         groups = model.groups
@@ -136,7 +140,7 @@ class InferenceEngine:
         channel = TensorParallelChannel(groups.tp, device) if groups.tp_size > 1 else None
         self.runner = ModelRunner(
             model, max_batch_size, max_sequence_length, use_cuda_graphs=use_cuda_graphs,
-            ssm_state_dtype=ssm_state_dtype, channel=channel,
+            ssm_state_dtype=ssm_state_dtype, channel=channel, lean_decode=lean_decode,
         )
         self.use_cuda_graphs = self.runner.use_cuda_graphs
         self._waiting: deque[_Request] = deque()
@@ -240,8 +244,14 @@ class InferenceEngine:
         """Admit (prefill) waiting requests into free slots, then one decode step for all active requests."""
         events, self._pending_events = self._pending_events, []
         with torch.inference_mode():
-            while self._waiting and len(self._active) < self.max_batch_size:
-                self._prefill(self._waiting.popleft(), events)
+            free = self.max_batch_size - len(self._active)
+            if self._waiting and free:
+                admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                by_length: dict[int, list[_Request]] = {}
+                for request in admitted:
+                    by_length.setdefault(len(request.prompt_ids), []).append(request)
+                for group in by_length.values():
+                    self._prefill(group, events)
             if self._active:
                 self._decode(events)
         return events
@@ -283,30 +293,41 @@ class InferenceEngine:
             or any(r.request_id == request_id for r in self._waiting)
         )
 
-    def _prefill(self, request: _Request, events: list[TokenEvent]) -> None:
-        params = request.params
-        slot = len(self._active)
-        want_prompt_logprobs = params.prompt_logprobs and len(request.prompt_ids) > 1
-        prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
-        logits = self.runner.prefill(slot, prompt, all_logits=want_prompt_logprobs)
-        request.cache_length = len(request.prompt_ids)
-        if params.prompt_logprobs:
-            request.prompt_logprobs = []
-            if want_prompt_logprobs:
-                log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
-                request.prompt_logprobs = log_probs.gather(-1, prompt[1:, None])[:, 0].tolist()
-        if params.max_new_tokens == 0:
-            self._finish(request, "length")
-            text = "" if request.detokenizer is not None else None
-            events.append(TokenEvent(request.request_id, NO_TOKEN, None, True, "length", text))
-            return
-        self._active.append(request)
+    def _prefill(self, group: list[_Request], events: list[TokenEvent]) -> None:
+        """Prefill equally long prompts together into the next free slots and sample their first tokens."""
+        first_slot = len(self._active)
+        length = len(group[0].prompt_ids)
+        want_prompt_logprobs = length > 1 and any(r.params.prompt_logprobs for r in group)
+        prompts = torch.tensor([r.prompt_ids for r in group], dtype=torch.long, device=self.device)
+        logits = self.runner.prefill(first_slot, prompts, all_logits=want_prompt_logprobs)  # [k, s or 1, vocab]
+        self._active.extend(group)
+        if want_prompt_logprobs:
+            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            prompt_logprobs = log_probs.gather(-1, prompts[:, 1:, None])[..., 0].tolist()
+        generating = [i for i, r in enumerate(group) if r.params.max_new_tokens > 0]
         tokens, logprobs = sample_tokens(
-            logits[-1:], [params], [request.generator], want_logprobs=params.logprobs
-        )
-        self._accept(request, tokens[0], logprobs[0] if logprobs else None, events)
-        if request.finish_reason is not None:
-            self._release_slots([slot])
+            logits[generating, -1],
+            [group[i].params for i in generating],
+            [group[i].generator for i in generating],
+            want_logprobs=any(group[i].params.logprobs for i in generating),
+        ) if generating else ([], None)
+        sampled = {row: n for n, row in enumerate(generating)}
+        finished = []
+        for row, request in enumerate(group):
+            request.cache_length = length
+            if request.params.prompt_logprobs:
+                request.prompt_logprobs = prompt_logprobs[row] if want_prompt_logprobs else []
+            if row in sampled:
+                n = sampled[row]
+                self._accept(request, tokens[n], logprobs[n] if logprobs else None, events)
+            else:  # max_new_tokens == 0: scoring only (prompt log-probs)
+                self._finish(request, "length")
+                text = "" if request.detokenizer is not None else None
+                events.append(TokenEvent(request.request_id, NO_TOKEN, None, True, "length", text))
+            if request.finish_reason is not None:
+                finished.append(first_slot + row)
+        if finished:
+            self._release_slots(finished)
 
     def _decode(self, events: list[TokenEvent]) -> None:
         active = self._active

@@ -10,6 +10,10 @@ CUDA graphs (``use_cuda_graphs`` on a CUDA model): the decode step is captured o
 the positions and every cache are static tensors; a step copies its ids and positions into the leading rows, pads the
 bucket's remaining rows (free slots, whose states are never read) with position 0, and replays. Captured graphs attend
 over the whole cache length (masked per row), since a graph cannot depend on the batch's lengths.
+
+On a CPU model at tensor-parallel size 1 the decode step runs through :class:`LeanDecoder` (the same computation as
+the layers' decode paths, flattened: the per-module overhead is most of a small model's CPU decode time) unless
+``lean_decode=False``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from megatron_hybrid.inference.context import InferenceContext
+from megatron_hybrid.inference.lean_decode import LeanDecoder
 
 if TYPE_CHECKING:
     from megatron_hybrid.inference.tp_worker import TensorParallelChannel
@@ -46,6 +51,7 @@ class ModelRunner:
         use_cuda_graphs: bool = False,
         ssm_state_dtype: torch.dtype = torch.float32,
         channel: TensorParallelChannel | None = None,
+        lean_decode: bool = True,
     ) -> None:
         self.model = model
         self.channel = channel
@@ -59,6 +65,9 @@ class ModelRunner:
         self.max_sequence_length = max_sequence_length
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.lean_decoder = None
+        if lean_decode and self.device.type == "cpu" and LeanDecoder.unsupported_reason(model, self.context) is None:
+            self.lean_decoder = LeanDecoder(model, self.context)
         if self.use_cuda_graphs:
             self._ids = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
             self._capture_graphs()
@@ -67,11 +76,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Run ``prompt_ids`` [s] into the empty ``slot``; logits [s, vocab] if ``all_logits`` else [1, vocab]."""
+        """Run prompts ``prompt_ids`` [k, s] (one length) into the empty slots ``slot .. slot + k - 1``.
+
+        Returns logits [k, s, vocab] if ``all_logits`` else [k, 1, vocab]; a 1-D ``prompt_ids`` [s] is one prompt
+        and gives [s or 1, vocab].
+        """
+        single = prompt_ids.dim() == 1
+        if single:
+            prompt_ids = prompt_ids[None]
         if self.channel is not None:
             self.channel.send_prefill(slot, prompt_ids, all_logits)
-        self.context.set_prefill(slot, last_token_logits_only=not all_logits)
-        return self.model(prompt_ids[None], inference_context=self.context)[0]
+        self.context.set_prefill(slot, prompt_ids.shape[0], last_token_logits_only=not all_logits)
+        logits = self.model(prompt_ids, inference_context=self.context)
+        return logits[0] if single else logits
 
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_length: int) -> torch.Tensor:
@@ -95,6 +112,8 @@ class ModelRunner:
             return logits[:batch, 0]
         context.set_decode(batch, attention_length)
         context.positions[:batch].copy_(positions)
+        if self.lean_decoder is not None:
+            return self.lean_decoder(token_ids)
         return self.model(token_ids[:, None], inference_context=context)[:, 0]
 
     @torch.inference_mode()

@@ -33,7 +33,9 @@ strings), ``seed``, ``logprobs`` (0..5: the chosen token's log-probability; ``to
 only, the engine does not expose alternatives), ``echo``, ``stream`` (server-sent events ``data: {...}`` ending with
 ``data: [DONE]``; ``stream_options.include_usage``), ``n`` = ``best_of`` = 1 only, ``usage`` counts. ``max_tokens=0``
 needs ``echo=true`` (scoring a prompt). An empty prompt string stands for the end-of-document token, as in OpenAI's
-API. Errors are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}``.
+API. Errors are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}``. One gap: a streamed request
+with ``echo`` and ``logprobs`` gets ``null`` log-probabilities for the echoed prompt tokens (the engine hands prompt
+log-probabilities over only with the finished request, after the echo chunk went out); the plain request has them.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ __all__ = [
     "GenerationScheduler",
     "RequestError",
     "ServerConfig",
+    "TextGenerationService",
     "create_app",
     "parse_completions_request",
     "parse_megatron_request",
@@ -266,6 +269,9 @@ class GenerationScheduler:
     def _run(self) -> None:
         import torch
 
+        device = getattr(self.engine, "device", None)
+        if isinstance(device, torch.device) and device.type == "cuda":
+            torch.cuda.set_device(device)  # the current device is per thread; CUDA graphs replay on the engine's
         with torch.inference_mode():
             while not self._stop.is_set():
                 self._drain(block=not self.engine_busy)
@@ -925,8 +931,19 @@ class TextGenerationService:
         bos = getattr(tokenizer, "bos", None)
         self.bos = int(bos) if bos is not None else self.eod
 
+    def shutdown(self) -> None:
+        """Stop the scheduler (running requests fail with 500), then close the engine, which releases the
+        tensor-parallel worker ranks."""
+        self.scheduler.stop()
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
     def tokenize(self, text: str) -> list[int]:
-        return [int(t) for t in self.tokenizer.tokenize(text)]
+        try:
+            return [int(t) for t in self.tokenizer.tokenize(text)]
+        except ValueError as e:  # e.g. NullTokenizer given words instead of ids
+            raise RequestError(400, f"cannot tokenize the prompt: {e}", "prompt") from None
 
     def check_capacity(self, n: int) -> None:
         if self.scheduler.pending + n > self.config.max_pending_requests:
@@ -965,7 +982,9 @@ def create_app(service: TextGenerationService) -> FastAPI:
         try:
             yield
         finally:
-            await run_in_threadpool(service.scheduler.stop)
+            # Here and not after uvicorn returns: uvicorn re-raises SIGTERM / SIGINT once it has shut down, which
+            # ends the process before any code after ``Server.run``.
+            await run_in_threadpool(service.shutdown)
 
     app = FastAPI(title="megatron_hybrid text generation", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -1183,6 +1202,7 @@ def create_app(service: TextGenerationService) -> FastAPI:
                       requests: list[_EngineRequest], watcher: _DisconnectWatcher) -> AsyncIterator[bytes]:
         sent_tokens = [0] * len(requests)
         echoed = [False] * len(requests)
+        waits: dict[asyncio.Future, int] = {}
         try:
             pending = {i: r for i, r in enumerate(requests)}
             for i, r in enumerate(requests):  # the first update of each was awaited already
@@ -1191,13 +1211,11 @@ def create_app(service: TextGenerationService) -> FastAPI:
                     yield _sse({**meta, "choices": [chunk]})
                 if r.completion.done:
                     pending.pop(i)
-            waits = {asyncio.ensure_future(r.next_update()): i for i, r in pending.items()}
+            waits.update({asyncio.ensure_future(r.next_update()): i for i, r in pending.items()})
             while waits:
                 finished, _ = await asyncio.wait(set(waits) | {watcher.task}, return_when=asyncio.FIRST_COMPLETED)
                 if watcher.task in finished:
-                    for w in waits:
-                        w.cancel()
-                    return
+                    return  # the client is gone
                 for w in finished:
                     i = waits.pop(w)
                     try:
@@ -1217,6 +1235,8 @@ def create_app(service: TextGenerationService) -> FastAPI:
                             "usage": _usage(prompt_ids, [r.completion for r in requests], False)})
             yield b"data: [DONE]\n\n"
         finally:
+            for w in waits:
+                w.cancel()
             watcher.cancel()
             for r in requests:
                 r.abort()

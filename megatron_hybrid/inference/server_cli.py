@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
@@ -44,7 +45,6 @@ _IGNORED_FLAGS: dict[str, int | str] = {
     "--use-flash-attn": 0,
     "--no-load-rng": 0,
     "--no-load-optim": 0,
-    "--group-query-attention": 0,  # handled below; listed here for the help text only
     "--micro-batch-size": 1,
     "--global-batch-size": 1,
     "--transformer-impl": 1,
@@ -142,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("Megatron flags accepted and ignored")
     for flag, nargs in _IGNORED_FLAGS.items():
-        if flag == "--group-query-attention":
-            continue
         if nargs == 0:
             g.add_argument(flag, action="store_true", default=S, help=S)
         else:
@@ -202,18 +200,44 @@ def config_overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# Fields that do not change what a trained model computes at inference: never a reason to refuse a checkpoint.
+_TRAINING_ONLY_FIELDS = ("attention_dropout", "hidden_dropout", "init_method_std")
+_LAYOUT_FIELDS = ("num_layers", "hybrid_attention_ratio", "hybrid_mlp_ratio", "hybrid_override_pattern")
+
+
 def _check_against(config: HybridConfig, overrides: dict[str, Any], source: str) -> None:
-    """Every explicitly given model flag must agree with the loaded model's configuration."""
+    """Every explicitly given model flag must agree with the loaded model's configuration.
+
+    The layer layout is compared as the resulting pattern (ratios and an explicit pattern can describe the same
+    stack); dropout and init settings are not compared; every other field by value.
+    """
+    from megatron_hybrid.models.layer_pattern import allocate_layers
+
     problems = []
+    layout = {k: overrides[k] for k in _LAYOUT_FIELDS if k in overrides}
+    if layout:
+        wanted = {k: layout.get(k, getattr(config, k)) for k in _LAYOUT_FIELDS}
+        if "hybrid_override_pattern" not in layout and ("hybrid_attention_ratio" in layout
+                                                         or "hybrid_mlp_ratio" in layout):
+            wanted["hybrid_override_pattern"] = None
+        try:
+            pattern = allocate_layers(wanted["num_layers"], wanted["hybrid_attention_ratio"],
+                                      wanted["hybrid_mlp_ratio"], wanted["hybrid_override_pattern"]).replace("|", "")
+        except (ValueError, AssertionError) as e:
+            pattern = f"<invalid: {e}>"
+        if pattern != config.layer_pattern:
+            flags = ", ".join(f"{k}={v!r}" for k, v in layout.items())
+            problems.append(f"layer pattern: command line ({flags}) gives {pattern!r} vs {source} "
+                            f"{config.layer_pattern!r}")
     for name, value in overrides.items():
+        if name in _LAYOUT_FIELDS or name in _TRAINING_ONLY_FIELDS:
+            continue
         have = getattr(config, name)
         if isinstance(value, float) or isinstance(have, float):
             same = have is not None and value is not None and abs(float(have) - float(value)) <= 1e-9 * max(
                 1.0, abs(float(value)))
         else:
             same = have == value
-        if name == "hybrid_override_pattern" and have != value and value is not None:
-            same = config.layer_pattern == value.replace("|", "")
         if not same:
             problems.append(f"{name}: command line {value!r} vs {source} {have!r}")
     if problems:
@@ -242,26 +266,33 @@ def _guess_tokenizer_type(model: str | None) -> str | None:
 def _build_tokenizer(args: argparse.Namespace, saved: dict[str, Any] | None, tp: int, default_divisor: int) -> Any:
     from megatron_hybrid.tokenizers import build_tokenizer
 
-    saved = dict(saved or {})
-    tok_type = args.tokenizer_type or (
-        saved.get("tokenizer_type") if not args.tokenizer_model else None
-    ) or _guess_tokenizer_type(args.tokenizer_model) or saved.get("tokenizer_type")
+    # Tokenizer flags on the command line replace the checkpoint's tokenizer settings as a whole (mixing a new
+    # model file with the saved type or vocabulary files would build something nobody asked for).
+    cli = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+           "vocab_file": args.vocab_file, "merge_file": args.merge_file, "vocab_size": args.vocab_size}
+    chosen = cli if any(v is not None for v in cli.values()) or not saved else dict(saved)
+    tok_type = chosen.get("tokenizer_type") or _guess_tokenizer_type(chosen.get("tokenizer_model"))
     if tok_type is None:
         raise SystemExit("error: no tokenizer: pass --tokenizer-type and --tokenizer-model (or --vocab-size with "
                          "--tokenizer-type NullTokenizer)")
     kwargs = {
-        "tokenizer_model": args.tokenizer_model or saved.get("tokenizer_model"),
-        "vocab_file": args.vocab_file or saved.get("vocab_file"),
-        "merge_file": args.merge_file or saved.get("merge_file"),
-        "vocab_size": args.vocab_size or saved.get("vocab_size"),
+        "tokenizer_model": chosen.get("tokenizer_model"),
+        "vocab_file": chosen.get("vocab_file"),
+        "merge_file": chosen.get("merge_file"),
+        "vocab_size": chosen.get("vocab_size"),
         "make_vocab_size_divisible_by": args.make_vocab_size_divisible_by
-        or saved.get("make_vocab_size_divisible_by") or default_divisor,
+        or (saved or {}).get("make_vocab_size_divisible_by") or default_divisor,
         "tp_size": tp,
     }
     try:
         return build_tokenizer(tok_type, **kwargs)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: cannot build the {tok_type} tokenizer: {e}") from None
+
+
+def _check_vocab(tokenizer: Any, config: HybridConfig) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+        raise SystemExit(f"error: the tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}")
 
 
 def _random_config(overrides: dict[str, Any], vocab_size: int, dtype: torch.dtype | None) -> HybridConfig:
@@ -293,6 +324,7 @@ def _load_model(args: argparse.Namespace, overrides: dict[str, Any], groups: Any
         if not args.use_checkpoint_args:
             _check_against(config, overrides, "checkpoint")
         tokenizer = _build_tokenizer(args, tokenizer_args, tp, 128)
+        _check_vocab(tokenizer, config)
         return model.eval(), tokenizer
 
     if args.hf_model:
@@ -307,9 +339,7 @@ def _load_model(args: argparse.Namespace, overrides: dict[str, Any], groups: Any
         ):
             args.tokenizer_model, args.tokenizer_type = args.hf_model, "HuggingFaceTokenizer"
         tokenizer = _build_tokenizer(args, None, tp, 1)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise SystemExit(f"error: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                             f"{config.vocab_size}")
+        _check_vocab(tokenizer, config)
         if tp == 1:
             return full.eval(), tokenizer
         sharded = MambaModel(config, groups)
@@ -366,6 +396,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rank != 0:
         from megatron_hybrid.inference.tp_worker import run_tp_worker
 
+        # torchrun forwards SIGINT / SIGTERM to every rank; a worker waits for rank 0 to shut down gracefully and
+        # release it (a worker killed mid-broadcast would leave rank 0 hanging in a collective).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         run_tp_worker(model)  # returns when rank 0 closes its engine
         return 0
 
@@ -388,12 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the server has no authentication; anyone who can reach the port can use it",
                     args.host)
+    # The app's shutdown closes the engine (releasing tensor-parallel workers); the finally covers a failed start.
     try:
         run_server(create_app(service), args.host, args.port, log_level=args.log_level)
     finally:
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()  # under tensor parallelism this releases the worker ranks
+        engine.close()
     return 0
 
 

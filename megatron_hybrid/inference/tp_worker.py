@@ -60,7 +60,8 @@ class TensorParallelChannel:
         self._send(OP_INIT, (max_batch_size, max_sequence_length, int(use_cuda_graphs), code))
 
     def send_prefill(self, slot: int, prompt_ids: torch.Tensor, all_logits: bool) -> None:
-        self._send(OP_PREFILL, (slot, int(all_logits)), prompt_ids)
+        """``prompt_ids`` [k, s]: k prompts of one length into slots ``slot ..``."""
+        self._send(OP_PREFILL, (slot, int(all_logits), prompt_ids.shape[0]), prompt_ids.reshape(-1))
 
     def send_decode(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_length: int) -> None:
         self._send(OP_DECODE, (token_ids.shape[0], attention_length), torch.cat([token_ids, positions]))
@@ -114,7 +115,7 @@ def run_tp_worker(model: nn.Module) -> None:
         if runner is None:
             raise RuntimeError(f"tensor-parallel worker got command {op} before the engine's init")
         if op == OP_PREFILL:
-            runner.prefill(args[0], payload, all_logits=bool(args[1]))
+            runner.prefill(args[0], payload.view(args[2], -1), all_logits=bool(args[1]))
         elif op == OP_DECODE:
             batch, attention_length = args[0], args[1]
             runner.decode(payload[:batch], payload[batch:], attention_length)

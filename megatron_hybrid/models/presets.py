@@ -19,6 +19,7 @@ leak one caller's edits into another's). ``get_preset(name, **overrides)`` appli
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from megatron_hybrid.config import HybridConfig
@@ -100,6 +101,9 @@ def _preset_cpu_bench() -> HybridConfig:
         mamba_state_dim=64,
         mamba_num_groups=2,
         mamba_chunk_size=128,
+        # transformers' NemotronH clamps softplus(dt + dt_bias) at time_step_min (default 0.001); matching it makes the
+        # preset the very network the benchmark compares against.
+        mamba_dt_limit=(0.001, math.inf),
         untie_embeddings_and_output_weights=True,
     )
 

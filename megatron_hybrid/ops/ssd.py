@@ -27,6 +27,25 @@ from megatron_hybrid.ops._common import compute_dtype, process_dt, segment_ids
 # autograd and GPUs); beyond it a loop over chunks is cheaper, because the matmul form costs chunks^2 * state size.
 STATE_PASSING_MATMUL_MAX_CHUNKS = 64
 
+# The scan is exact for any block length, so the reference evaluates blocks of min(chunk_size, MAX_BLOCK) tokens: the
+# per-head [T, T] decay matrices dominate its time and memory, and shorter blocks shrink them (results agree to
+# rounding with any chunk_size).
+MAX_BLOCK = 64
+
+
+def _log_floor(dtype: torch.dtype) -> float:
+    """Smallest log-decay kept as is; lower ones are raised to it (a decay below exp(floor) is replaced by exp(floor)).
+
+    exp(-61) ~ 3e-27 for float32 (30% above log of the smallest normal, -87): next to the undecayed diagonal term it is
+    far below float32 resolution, and it keeps decays and their products out of the subnormal range, which x86 CPUs
+    compute 10-100x slower. float64 gets the same 70% of its own range.
+    """
+    return 0.7 * math.log(torch.finfo(dtype).tiny)
+
+
+def _exp_floored(log_decay: torch.Tensor) -> torch.Tensor:
+    return log_decay.clamp(min=_log_floor(log_decay.dtype)).exp()
+
 
 def check_ssd_shapes(
     x: torch.Tensor,
@@ -75,8 +94,153 @@ def check_ssd_shapes(
 
 
 def _masked_exp(log_decay: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """exp where ``keep``, exactly 0 elsewhere; masking before exp keeps both the value and its gradient finite."""
-    return log_decay.masked_fill(~keep, -math.inf).exp()
+    """exp where ``keep`` (floored like ``_exp_floored``), exactly 0 elsewhere; masking before exp keeps both the
+    value and its gradient finite."""
+    return log_decay.clamp(min=_log_floor(log_decay.dtype)).masked_fill(~keep, -math.inf).exp()
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked scan proper on token-major inputs, with a hand-written backward.
+
+    x [b, L, h, p] (L a multiple of the block T), dt [b, L, h] (processed), A [h], B and C [b, L, g, n], D [h] or [h, p]
+    or None, initial_states [b, g, hg, p, n] or None, masks None or (intra_keep [b, c, 1, 1, T, T] bool, end_keep and
+    start_keep [b, c, 1, 1, T], boundary [b, c + 1]) for documents. Returns y [b, L, h, p] (``D * x`` included) and the
+    final state [b, g, hg, p, n].
+
+    Internally everything is "head-major" blocks ``[b, c, g, hg, T, ...]``. Per block, with ``u = dt * x``,
+    ``cum = cumsum(dt * A)`` and ``L[i, j] = exp(cum_i - cum_j)`` (``i >= j``)::
+
+        y      = ((C B^T) * L) u                       within the block (M = (C B^T) * L)
+        state  = u^T (B * exp(cum_T - cum))             what the block adds to the state at its end
+        y     += (C * exp(cum)) entering^T              the state carried in from earlier blocks
+
+    The scaled copies of B and C are per head, so no [T, T] or [T, p] tensor is ever broadcast into a matmul, and the
+    backward runs about a third of the passes over [T, T]- and [T, p]-sized tensors that autograd would, keeping only
+    u, the decay and product matrices and the block states. The small state recurrence between blocks is
+    differentiated by autograd (recomputed in the backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, initial_states, block, masks):
+        b, L, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        hg, T = h // g, block
+        nc = L // T
+        intra_keep, end_keep, start_keep, boundary = masks if masks is not None else (None, None, None, None)
+
+        x_h = x.reshape(b, nc, T, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # head-major view [b, c, g, hg, T, p]
+        dt_h = dt.reshape(b, nc, T, g, hg).permute(0, 1, 3, 4, 2).contiguous()  # [b, c, g, hg, T]
+        B_h = B.reshape(b, nc, T, g, n).permute(0, 1, 3, 2, 4).contiguous()  # [b, c, g, T, n]
+        C_h = C.reshape(b, nc, T, g, n).permute(0, 1, 3, 2, 4).contiguous()
+        u = torch.empty((b, nc, g, hg, T, p), dtype=x.dtype, device=x.device)
+        torch.mul(x_h, dt_h.unsqueeze(-1), out=u)
+        cum = torch.cumsum(dt_h * A.reshape(g, hg, 1), dim=-1)  # [b, c, g, hg, T]
+
+        # Within blocks.
+        scores = C_h @ B_h.transpose(-1, -2)  # [b, c, g, T, T]
+        decay = cum[..., :, None] - cum[..., None, :]  # [b, c, g, hg, T, T]
+        decay.clamp_(min=_log_floor(decay.dtype)).exp_()
+        if intra_keep is None:
+            decay.tril_()  # also clears the overflowed entries above the diagonal
+        else:
+            decay.masked_fill_(~intra_keep, 0.0)
+        mixed = decay * scores.unsqueeze(3)
+        y = mixed @ u  # [b, c, g, hg, T, p]
+
+        # What each block adds to the state at its end, and the states carried across blocks.
+        to_end = _exp_floored(cum[..., -1:] - cum)  # [b, c, g, hg, T]
+        if end_keep is not None:
+            to_end = to_end * end_keep
+        B_scaled = B_h.unsqueeze(3) * to_end.unsqueeze(-1)  # [b, c, g, hg, T, n]
+        states = u.transpose(-1, -2) @ B_scaled  # [b, c, g, hg, p, n]
+        entering, final = _pass_states(states, cum[..., -1], initial_states, boundary)
+
+        # The carried state's contribution, accumulated into y.
+        from_start = _exp_floored(cum)
+        if start_keep is not None:
+            from_start = from_start * start_keep
+        C_scaled = C_h.unsqueeze(3) * from_start.unsqueeze(-1)  # [b, c, g, hg, T, n]
+        y.view(-1, T, p).baddbmm_(C_scaled.view(-1, T, n), entering.reshape(-1, p, n).transpose(1, 2))
+
+        if D is None:
+            out = y.permute(0, 1, 4, 2, 3, 5).reshape(b, L, h, p)
+        else:
+            out = torch.addcmul(y.permute(0, 1, 4, 2, 3, 5).reshape(b, L, h, p), x, D if D.dim() == 2 else D[:, None])
+        ctx.save_for_backward(x, dt_h, A, B_h, C_h, D, initial_states, u, cum, scores, decay, mixed, to_end,
+                              B_scaled, states, from_start, C_scaled, entering)
+        ctx.block, ctx.boundary = block, boundary
+        return out, final
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final):
+        (x, dt_h, A, B_h, C_h, D, initial_states, u, cum, scores, decay, mixed, to_end, B_scaled, states, from_start,
+         C_scaled, entering) = ctx.saved_tensors
+        b, L, h, p = x.shape
+        g, n = B_h.shape[2], B_h.shape[4]
+        hg, T = h // g, ctx.block
+        nc = L // T
+        x_h = x.reshape(b, nc, T, g, hg, p).permute(0, 1, 3, 4, 2, 5)
+        grad_y = grad_out.reshape(b, nc, T, g, hg, p).permute(0, 1, 3, 4, 2, 5).contiguous()  # head-major
+
+        # Carried-state term: y += C_scaled @ entering^T.
+        grad_C_scaled = grad_y @ entering  # [b, c, g, hg, T, n]
+        grad_entering = grad_y.transpose(-1, -2) @ C_scaled  # [b, c, g, hg, p, n]
+        grad_C = (grad_C_scaled * from_start.unsqueeze(-1)).sum(dim=3)  # [b, c, g, T, n]
+        grad_cum = (grad_C_scaled * C_h.unsqueeze(3)).sum(dim=-1) * from_start  # d exp(cum) = exp(cum)
+
+        # State passing across blocks (small): autograd on a recomputation.
+        with torch.enable_grad():
+            states_in = states.detach().requires_grad_()
+            log_decay_in = cum[..., -1].detach().requires_grad_()
+            init_in = initial_states.detach().requires_grad_() if initial_states is not None else None
+            entering_re, final_re = _pass_states(states_in, log_decay_in, init_in, ctx.boundary)
+            wrt = [states_in, log_decay_in] + ([init_in] if init_in is not None else [])
+            outputs, grads = [entering_re], [grad_entering]
+            if grad_final is not None:
+                outputs.append(final_re)
+                grads.append(grad_final)
+            passed = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+        grad_states = passed[0] if passed[0] is not None else torch.zeros_like(states)
+        if passed[1] is not None:
+            grad_cum[..., -1] += passed[1]
+        grad_init = passed[2] if init_in is not None else None
+
+        # Block states: states = u^T @ B_scaled.
+        grad_u = B_scaled @ grad_states.transpose(-1, -2)  # [b, c, g, hg, T, p]
+        grad_B_scaled = u @ grad_states  # [b, c, g, hg, T, n]
+        grad_B = (grad_B_scaled * to_end.unsqueeze(-1)).sum(dim=3)
+        through_end = (grad_B_scaled * B_h.unsqueeze(3)).sum(dim=-1) * to_end  # to_end = exp(cum_T - cum)
+        grad_cum -= through_end
+        grad_cum[..., -1] += through_end.sum(dim=-1)
+
+        # Within blocks: y = M @ u with M = (C B^T) * L.
+        grad_u.view(-1, T, p).baddbmm_(mixed.view(-1, T, T).transpose(1, 2), grad_y.view(-1, T, p))
+        prod = (grad_y @ u.transpose(-1, -2)).mul_(decay)  # dM * L
+        grad_scores = prod.sum(dim=3)  # the heads of a group share C B^T
+        prod.mul_(scores.unsqueeze(3))  # dM * M: d/dcum_i of L[i, j] is L[i, j], d/dcum_j is -L[i, j]
+        grad_cum += prod.sum(dim=-1)
+        grad_cum -= prod.sum(dim=-2)
+        grad_C += grad_scores @ B_h
+        grad_B += grad_scores.transpose(-1, -2) @ C_h
+
+        # cum = cumsum(dt * A); u = dt * x.
+        grad_dtA = grad_cum.flip(-1).cumsum(-1).flip(-1)
+        grad_dt_h = (grad_u * x_h).sum(dim=-1) + grad_dtA * A.reshape(g, hg, 1)
+        grad_A = (grad_dtA * dt_h).sum(dim=(0, 1, 4)).reshape(h)
+        grad_u.mul_(dt_h.unsqueeze(-1))
+        grad_D = None
+        if D is None:
+            grad_x = grad_u.permute(0, 1, 4, 2, 3, 5).reshape(b, L, h, p)
+        else:
+            grad_x = grad_out * (D if D.dim() == 2 else D[:, None])
+            grad_x.view(b, nc, T, g, hg, p).permute(0, 1, 3, 4, 2, 5).add_(grad_u)
+            grad_D = (grad_out * x).sum(dim=(0, 1))
+            if D.dim() == 1:
+                grad_D = grad_D.sum(dim=-1)
+        grad_dt = grad_dt_h.permute(0, 1, 4, 2, 3).reshape(b, L, h)
+        grad_B = grad_B.permute(0, 1, 3, 2, 4).reshape(b, L, g, n)
+        grad_C = grad_C.permute(0, 1, 3, 2, 4).reshape(b, L, g, n)
+        return grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_init, None, None
 
 
 def _pass_states(
@@ -113,7 +277,7 @@ def _pass_states(
         return carried[:, :, :, :c].permute(0, 3, 1, 2, 4, 5), carried[:, :, :, c]
 
     state = initial_states if initial_states is not None else chunk_states.new_zeros(b, g, hg, p, n)
-    decay = chunk_log_decay.exp()  # [b, c, g, hg]
+    decay = _exp_floored(chunk_log_decay)  # [b, c, g, hg]
     if boundary_segments is not None:
         same = (boundary_segments[:, 1:] == boundary_segments[:, :-1]).to(decay.dtype)  # [b, c]
         decay = decay * same[:, :, None, None]
@@ -158,7 +322,7 @@ def ssd_chunk_scan_ref(
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     hg = h // g
-    T = chunk_size
+    T = min(chunk_size, MAX_BLOCK)
     nc = max(1, -(-l // T))
     pad = nc * T - l
     cdt = compute_dtype(x, dt, A, B, C)
@@ -167,7 +331,7 @@ def ssd_chunk_scan_ref(
     xc, Bc, Cc = x.to(cdt), B.to(cdt), C.to(cdt)
     seg = segment_ids(seq_idx) if seq_idx is not None else None
     if pad:
-        xc_p = F.pad(xc, (0, 0, 0, 0, 0, pad))
+        xc_p = F.pad(xc, (0, 0, 0, 0, 0, pad))  # padded tokens have dt = 0: they neither add to nor decay the state
         dt = F.pad(dt, (0, 0, 0, pad))
         Bc = F.pad(Bc, (0, 0, 0, 0, 0, pad))
         Cc = F.pad(Cc, (0, 0, 0, 0, 0, pad))
@@ -176,58 +340,22 @@ def ssd_chunk_scan_ref(
     else:
         xc_p = xc
 
-    # [b, c, g, hg, T, ...] layout: heads of one group share B and C through broadcasting of the hg axis.
-    xg = xc_p.reshape(b, nc, T, g, hg, p).permute(0, 1, 3, 4, 2, 5)
-    dtg = dt.reshape(b, nc, T, g, hg).permute(0, 1, 3, 4, 2)
-    Bg = Bc.reshape(b, nc, T, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)  # [b, c, g, 1, T, n]
-    Cg = Cc.reshape(b, nc, T, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)
-    cum = torch.cumsum(dtg * A.to(cdt).reshape(g, hg, 1), dim=-1)  # [b, c, g, hg, T]
-    xdt = xg * dtg.unsqueeze(-1)  # [b, c, g, hg, T, p]
-
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    masks = None
     if seg is not None:
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         segc = seg.reshape(b, nc, T)
         intra_keep = (causal & (segc[..., :, None] == segc[..., None, :]))[:, :, None, None]  # [b, c, 1, 1, T, T]
         boundary = F.pad(segc[:, :, -1], (1, 0), value=0)  # [b, c + 1]
-        end_keep = (segc == segc[..., -1:])[:, :, None, None]  # [b, c, 1, 1, T]
-        start_keep = (segc == boundary[:, :-1, None])[:, :, None, None]
-    else:
-        intra_keep, boundary, end_keep, start_keep = causal, None, None, None
-
-    # 1. Within chunks: masked attention-like form.
-    scores = Cg @ Bg.transpose(-1, -2)  # [b, c, g, 1, T, T]
-    decay = _masked_exp(cum[..., :, None] - cum[..., None, :], intra_keep)  # [b, c, g, hg, T, T]
-    y = (scores * decay) @ xdt  # [b, c, g, hg, T, p]
-
-    # 2. What each chunk adds to the state at its end.
-    to_end = torch.exp(cum[..., -1:] - cum)
-    if end_keep is not None:
-        to_end = to_end * end_keep
-    # One [hg * p, T] x [T, n] matmul per group and chunk (B is not expanded over the group's heads).
-    weighted = (xdt * to_end.unsqueeze(-1)).transpose(-1, -2).reshape(b, nc, g, hg * p, T)
-    chunk_states = (weighted @ Bg.squeeze(3)).view(b, nc, g, hg, p, n)
-
-    # 3. Carry states across chunks.
+        end_keep = (segc == segc[..., -1:])[:, :, None, None].to(cdt)  # [b, c, 1, 1, T]
+        start_keep = (segc == boundary[:, :-1, None])[:, :, None, None].to(cdt)
+        masks = (intra_keep, end_keep, start_keep, boundary)
     init = None
     if initial_states is not None:
         init = initial_states.to(cdt).reshape(b, g, hg, p, n)
-    entering, final = _pass_states(chunk_states, cum[..., -1], init, boundary)
-
-    # 4. Contribution of the carried state to every token of the chunk.
-    from_start = torch.exp(cum)
-    if start_keep is not None:
-        from_start = from_start * start_keep
-    # One [T, n] x [n, hg * p] matmul per group and chunk (C is not expanded over the group's heads).
-    carried = entering.permute(0, 1, 2, 5, 3, 4).reshape(b, nc, g, n, hg * p)
-    y_carried = (Cg.squeeze(3) @ carried).view(b, nc, g, T, hg, p).transpose(3, 4)
-    y = y + y_carried * from_start.unsqueeze(-1)
-
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * T, h, p)
+    Dc = D.to(cdt) if D is not None else None
+    y, final = _ChunkedScan.apply(xc_p, dt, A.to(cdt), Bc, Cc, Dc, init, T, masks)
     if pad:
         y = y[:, :l]
-    if D is not None:
-        Dc = D.to(cdt)
-        y = y + xc * (Dc[:, None] if Dc.dim() == 1 else Dc)
     if z is not None:
         y = y * F.silu(z.to(cdt))
     y = y.to(x.dtype)

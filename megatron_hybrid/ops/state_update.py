@@ -46,7 +46,13 @@ def causal_conv1d_update_ref(
     if state_len:
         conv_state.copy_(window[..., -state_len:])
     bc = bias.to(cdt) if bias is not None else None
-    out = F.conv1d(window[..., window.shape[-1] - (l + w - 1):], weight.to(cdt).unsqueeze(1), bc, groups=d)
+    if l == 1:
+        # One token (decode): a width-w dot product per channel; a conv call costs far more than it computes.
+        out = (window[..., -w:] * weight.to(cdt)).sum(dim=-1, keepdim=True)
+        if bc is not None:
+            out = out + bc[:, None]
+    else:
+        out = F.conv1d(window[..., window.shape[-1] - (l + w - 1):], weight.to(cdt).unsqueeze(1), bc, groups=d)
     if silu:
         out = F.silu(out)
     out = out.to(x.dtype)
@@ -90,10 +96,17 @@ def ssm_state_update_ref(
     decay = torch.exp(dt.unsqueeze(-1) * Ac)  # [b, h, 1 or p, 1 or n]
     xc = x.to(cdt)
     # Grouped view [b, g, hg, ...]: the heads of a group share B and C by broadcasting.
-    added = (dt * xc).reshape(b, g, hg, p, 1) * B.to(cdt).reshape(b, g, 1, 1, n)
-    new_state = (state.to(cdt) * decay).reshape(b, g, hg, p, n) + added
+    dt_x = (dt * xc).reshape(b, g, hg, p, 1)
+    B_g = B.to(cdt).reshape(b, g, 1, 1, n)
+    if state.dtype == cdt and state.is_contiguous():
+        # In place: two passes over the state instead of four (decode is bound by reading and writing it).
+        new_state = state.view(b, g, hg, p, n)
+        new_state.mul_(decay.view(b, g, hg, *decay.shape[2:]))
+        new_state.addcmul_(dt_x, B_g)
+    else:
+        new_state = (state.to(cdt) * decay).reshape(b, g, hg, p, n) + dt_x * B_g
+        state.copy_(new_state.reshape(b, h, p, n))
     y = (new_state @ C.to(cdt).reshape(b, g, 1, n, 1)).reshape(b, h, p)
-    state.copy_(new_state.reshape(b, h, p, n))
     if D is not None:
         Dc = D.to(cdt)
         y = y + xc * (Dc[:, None] if Dc.dim() == 1 else Dc)

@@ -16,9 +16,9 @@ from megatron_hybrid.training.arguments import (
     parse_args,
     resolve,
 )
+from megatron_hybrid.training.loop import TrainingAborted, TrainResult, main, pretrain
 from megatron_hybrid.training.lr_scheduler import OptimizerParamScheduler
 from megatron_hybrid.training.optimizer import TrainOptimizer, takes_weight_decay, weight_decay_groups
-from megatron_hybrid.training.pretrain import TrainingAborted, TrainResult, main, pretrain
 
 __all__ = [
     "ConfigError",

@@ -46,12 +46,15 @@ __all__ = [
     "ConfigError",
     "ModelFlags",
     "ParallelConfig",
+    "ResolvedRun",
     "RunConfig",
     "TrainingConfig",
     "build_parser",
     "cli_field",
     "make_run_config",
     "parse_args",
+    "resolve",
+    "world_size_from_env",
 ]
 
 
@@ -430,8 +433,10 @@ HYBRID_CONFIG_FLAGS: dict[str, dict[str, Any]] = {
 _HYBRID_NOT_FLAGS = ("vocab_size", "params_dtype", "sequence_parallel", "make_vocab_size_divisible_by")
 
 MEGATRON_DIFFERENCES = """\
-Defaults that differ from Megatron-LM: --normalization RMSNorm (LayerNorm is not implemented),
---position-embedding-type none (learned_absolute is not implemented), --num-workers 0, --split 969,30,1.
+Model defaults are Megatron-LM's where they differ from HybridConfig's (gelu MLP, linear biases, dropout 0.1):
+a Megatron command line builds the same model. Defaults that differ from Megatron-LM:
+--normalization RMSNorm (LayerNorm is not implemented), --position-embedding-type none (learned_absolute is not
+implemented), --num-workers 0, --split 969,30,1.
 The loss is averaged per token over the whole global batch (Megatron's --calculate-per-token-loss), so gradient
 accumulation and data parallelism give the same update as one big batch. Validation always uses the same first
 --eval-iters global batches of the validation split, so successive validation losses are comparable. The logged lr
@@ -487,6 +492,10 @@ _GROUP_TITLES = {
 }
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the epilog's line breaks and shows every default."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises ConfigError instead of exiting, so the Python API can catch it."""
 
@@ -500,7 +509,7 @@ def build_parser(suppress_defaults: bool = False, prog: str | None = None) -> ar
         prog=prog,
         description="Pretrain a hybrid Mamba-2 / attention language model (Megatron-LM flags).",
         epilog=MEGATRON_DIFFERENCES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         allow_abbrev=False,
     )
     groups = {owner: parser.add_argument_group(title) for owner, title in _GROUP_TITLES.items()}
@@ -652,6 +661,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     Raises :class:`ConfigError` (``--help`` raises SystemExit as usual).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        build_parser().parse_args(["--help"])  # prints the help with defaults, exits
     probe = build_parser(suppress_defaults=True)
     namespace, unknown = probe.parse_known_args(argv)
     if unknown:
@@ -719,6 +730,9 @@ def _resolve_exclusive(values: dict[str, Any], source: dict[str, str], notes: li
 def _validate(values: dict[str, Any], source: dict[str, str], notes: list[str]) -> RunConfig:
     by_dest = {o.dest: o for o in _options()}
     errors: list[str] = []
+    for option in _options():  # argparse gives lists for nargs=N; tuple-typed fields want tuples
+        if isinstance(option.nargs, int) and isinstance(values[option.dest], list):
+            values[option.dest] = tuple(values[option.dest])
 
     def flag(dest: str) -> str:
         return by_dest[dest].display

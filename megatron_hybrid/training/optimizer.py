@@ -118,7 +118,7 @@ def global_grad_norm(params: Sequence[nn.Parameter], groups: ParallelGroups) -> 
     grads = [p.grad for p in params if p.grad is not None and (is_tensor_parallel(p) or groups.tp_rank == 0)]
     device = params[0].device if params else torch.device("cpu")
     if grads:
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])  # one fused launch per dtype/device
         total = (norms * norms).sum()
     else:
         total = torch.zeros((), dtype=torch.float32, device=device)

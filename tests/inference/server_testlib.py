@@ -55,7 +55,8 @@ def train_tiny_tokenizer(directory: Path) -> Any:
     return build_tokenizer("HuggingFaceTokenizer", str(directory / "tok"))
 
 
-def tiny_model(vocab_size: int, seed: int = 0) -> Any:
+def tiny_model(vocab_size: int, seed: int = 0, position_embedding_type: str = "rope", mamba_num_groups: int = 1
+               ) -> Any:
     """4 layers (Mamba, attention, MLP, Mamba), hidden 64; a large init std so logits are peaked (greedy answers do
     not hinge on rounding)."""
     from megatron_hybrid.config import HybridConfig
@@ -64,8 +65,9 @@ def tiny_model(vocab_size: int, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     config = HybridConfig(
         num_layers=4, hidden_size=64, vocab_size=vocab_size, hybrid_override_pattern="M*-M", num_attention_heads=4,
-        num_query_groups=2, ffn_hidden_size=128, mamba_state_dim=16, mamba_head_dim=16, mamba_num_groups=1,
-        mamba_chunk_size=16, max_position_embeddings=CONTEXT, position_embedding_type="rope", init_method_std=0.2,
+        num_query_groups=2, ffn_hidden_size=128, mamba_state_dim=16, mamba_head_dim=16,
+        mamba_num_groups=mamba_num_groups, mamba_chunk_size=16, max_position_embeddings=CONTEXT,
+        position_embedding_type=position_embedding_type, init_method_std=0.2,
     )
     return MambaModel(config).eval()
 

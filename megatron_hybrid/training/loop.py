@@ -74,6 +74,7 @@ class TrainResult:
     last_checkpoint: str | None = None
     skipped_iterations: int = 0
     model: MambaModel | None = None
+    optimizer: TrainOptimizer | None = None
     config: HybridConfig | None = None
     tokenizer: Any = None
     metrics_path: str | None = None
@@ -91,6 +92,7 @@ class _Env:
     rank: int
     world_size: int
     owns_process_group: bool
+    verbose: bool = True
 
 
 def _setup_distributed(run: RunConfig) -> _Env:
@@ -121,7 +123,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _print0(env: _Env, *args: Any) -> None:
-    if env.rank == 0:
+    if env.rank == 0 and env.verbose:
         print(*args, flush=True)
 
 
@@ -246,7 +248,7 @@ def evaluate(model: MambaModel, dataset: Any, run: RunConfig, resolved: Resolved
         _all_reduce_sum(tokens, env.groups.dp_cp)
     finally:
         model.train()
-    loss = float(loss_sum) / max(float(tokens), 1.0)
+    loss = float(loss_sum) / float(tokens) if float(tokens) > 0 else float("nan")
     return {"lm_loss": loss, "ppl": math.exp(min(20.0, loss)), "tokens": float(tokens)}
 
 
@@ -326,17 +328,20 @@ def pretrain(
     *,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    verbose: bool = True,
 ) -> TrainResult:
     """Train as configured by ``run`` (a :class:`RunConfig`, or command-line arguments; default ``sys.argv``).
 
     Works in a plain single process (no ``torch.distributed`` needed) and under torchrun. ``on_iteration`` gets a
     small dict after every iteration (``iteration``, ``train_iters``, ``lm_loss``, ``lr``, ``grad_norm``,
     ``tokens_per_sec``, ``elapsed_s``, ``eta_s``) for live progress displays; ``on_log`` gets each logged record.
+    ``verbose=False`` silences the printed log lines (metrics files and callbacks are unaffected).
     """
     configure_triton_cache()
     if not isinstance(run, RunConfig):
         run = parse_args(run)
     env = _setup_distributed(run)
+    env.verbose = verbose
     try:
         return _pretrain(run, env, on_iteration, on_log)
     finally:
@@ -402,7 +407,8 @@ def _pretrain(run: RunConfig, env: _Env, on_iteration: Callable[[dict[str, Any]]
 
     metrics_path = t.metrics_jsonl or (os.path.join(t.save, "metrics.jsonl") if t.save else None)
     writer = _MetricsWriter(env, metrics_path, t.tensorboard_dir, resumed_from)
-    result = TrainResult(iteration=iteration, consumed_train_samples=consumed, model=model, config=config,
+    result = TrainResult(iteration=iteration, consumed_train_samples=consumed, model=model, optimizer=optimizer,
+                         config=config,
                          tokenizer=tokenizer, metrics_path=metrics_path, skipped_iterations=skipped_total)
     flops_per_step = training_flops_per_step(config, t.seq_length, resolved.global_batch_size)
     peak = t.peak_tflops
