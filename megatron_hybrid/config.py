@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Sizes that default to a function of other fields when left as None.
+_DERIVED_FIELDS = ("num_query_groups", "kv_channels", "ffn_hidden_size", "mamba_num_heads")
 ACTIVATIONS = ("squared_relu", "swiglu", "gelu")
 POSITION_EMBEDDINGS = ("none", "rope")
 
@@ -71,6 +73,8 @@ class HybridConfig:
     sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
+        # Remember which sizes were derived from others, so replace() re-derives them instead of freezing stale values.
+        self._derived_fields = frozenset(name for name in _DERIVED_FIELDS if getattr(self, name) is None)
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.kv_channels is None:
@@ -169,4 +173,6 @@ class HybridConfig:
         return pattern.replace("|", "")
 
     def replace(self, **changes) -> HybridConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; sizes that were derived (e.g. ``kv_channels``) are derived again."""
+        rederive = {name: None for name in self._derived_fields if name not in changes}
+        return dataclasses.replace(self, **rederive, **changes)

@@ -51,6 +51,10 @@ def test_replace_returns_new_validated_config() -> None:
     cfg = _small()
     wider = cfg.replace(hidden_size=128)
     assert wider.hidden_size == 128 and cfg.hidden_size == 64
+    # Sizes that were derived from hidden_size follow it; sizes given explicitly stay as given.
+    assert wider.kv_channels == 128 // wider.num_attention_heads and wider.ffn_hidden_size == 4 * 128
+    pinned = _small(kv_channels=8).replace(hidden_size=128)
+    assert pinned.kv_channels == 8
     with pytest.raises(ValueError):
         cfg.replace(num_query_groups=3)
 

@@ -153,8 +153,11 @@ class SelfAttention(nn.Module):
         qkv = self.linear_qkv(hidden_states)  # [s, b, groups_local * (heads_per_group + 2) * d]
         seqlen, batch, _ = qkv.shape
         qkv = qkv.view(seqlen, batch, self.groups_local, self.heads_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.heads_per_group].reshape(seqlen, batch, self.heads_local, self.head_dim)
-        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        # split, not indexing: its backward concatenates the three gradients instead of zero-filling a qkv-sized
+        # tensor for each of them.
+        q, k, v = torch.split(qkv, [self.heads_per_group, 1, 1], dim=3)
+        q = q.reshape(seqlen, batch, self.heads_local, self.head_dim)
+        k, v = k.squeeze(3), v.squeeze(3)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         if self.rotary is not None:
             if position_ids is None:

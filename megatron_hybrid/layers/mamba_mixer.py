@@ -198,7 +198,14 @@ class MambaMixer(nn.Module):
             conv_state, ssm_state = inference_context.mamba_states(self.layer_number)
             if inference_context.is_decode:
                 return self._decode_step(hidden_states, conv_state, ssm_state)
-        zxbcdt = self.in_proj(hidden_states).transpose(0, 1)  # [b, s, local width]
+        # Batch-first from the in_proj on: transposing the narrow [s, b, hidden] input is cheaper than working on
+        # [b, s, width] views of a sequence-first projection (their copies and concatenated gradients are 5x wider).
+        # Sequence parallelism gathers and scatters along dim 0, so there the projections stay sequence-first.
+        batch_first = not self.config.sequence_parallel
+        if batch_first:
+            zxbcdt = self.in_proj(hidden_states.transpose(0, 1))  # [b, s, local width]
+        else:
+            zxbcdt = self.in_proj(hidden_states).transpose(0, 1)
         batch, seqlen, _ = zxbcdt.shape
         group_width = self.ngroups_local * self.d_state
         z, xbc, dt = torch.split(
@@ -224,6 +231,8 @@ class MambaMixer(nn.Module):
             y, final_state = y
             ssm_state.copy_(final_state)
         y = self.norm(y.reshape(batch, seqlen, self.d_inner_local), z)
+        if batch_first:
+            return self.out_proj(y).transpose(0, 1)
         return self.out_proj(y.transpose(0, 1))
 
     def _decode_step(

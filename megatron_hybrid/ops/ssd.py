@@ -154,6 +154,7 @@ class _ChunkedScan(torch.autograd.Function):
         B_scaled = B_h.unsqueeze(3) * to_end.unsqueeze(-1)  # [b, c, g, hg, T, n]
         states = u.transpose(-1, -2) @ B_scaled  # [b, c, g, hg, p, n]
         entering, final = _pass_states(states, cum[..., -1], initial_states, boundary)
+        entering = entering.contiguous()
 
         # The carried state's contribution, accumulated into y.
         from_start = _exp_floored(cum)
@@ -188,22 +189,21 @@ class _ChunkedScan(torch.autograd.Function):
         grad_C = (grad_C_scaled * from_start.unsqueeze(-1)).sum(dim=3)  # [b, c, g, T, n]
         grad_cum = (grad_C_scaled * C_h.unsqueeze(3)).sum(dim=-1) * from_start  # d exp(cum) = exp(cum)
 
-        # State passing across blocks (small): autograd on a recomputation.
-        with torch.enable_grad():
-            states_in = states.detach().requires_grad_()
-            log_decay_in = cum[..., -1].detach().requires_grad_()
-            init_in = initial_states.detach().requires_grad_() if initial_states is not None else None
-            entering_re, final_re = _pass_states(states_in, log_decay_in, init_in, ctx.boundary)
-            wrt = [states_in, log_decay_in] + ([init_in] if init_in is not None else [])
-            outputs, grads = [entering_re], [grad_entering]
-            if grad_final is not None:
-                outputs.append(final_re)
-                grads.append(grad_final)
-            passed = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
-        grad_states = passed[0] if passed[0] is not None else torch.zeros_like(states)
-        if passed[1] is not None:
-            grad_cum[..., -1] += passed[1]
-        grad_init = passed[2] if init_in is not None else None
+        # State passing across blocks, H[k + 1] = a[k] H[k] + states[k] (H[0] the initial state, H[c] the final one),
+        # run backwards: G = dL/dH[k + 1] gives d states[k] = G and d a[k] = <G, H[k]>.
+        log_decay = cum[..., -1]  # [b, c, g, hg]
+        a = _exp_floored(log_decay)
+        if ctx.boundary is not None:
+            a = a * (ctx.boundary[:, 1:] == ctx.boundary[:, :-1]).to(a.dtype)[:, :, None, None]
+        grad_states = torch.empty_like(states)
+        grad_a = torch.empty_like(a)
+        carry = grad_final
+        for k in range(nc - 1, -1, -1):
+            grad_states[:, k] = carry
+            grad_a[:, k] = (carry * entering[:, k]).sum(dim=(-2, -1))
+            carry = torch.addcmul(grad_entering[:, k], carry, a[:, k, :, :, None, None])
+        grad_init = carry if initial_states is not None else None
+        grad_cum[..., -1] += grad_a * a
 
         # Block states: states = u^T @ B_scaled.
         grad_u = B_scaled @ grad_states.transpose(-1, -2)  # [b, c, g, hg, T, p]

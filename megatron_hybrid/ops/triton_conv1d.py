@@ -35,7 +35,7 @@ __all__ = ["causal_conv1d_channel_last_triton", "MAX_WIDTH"]
 
 MAX_WIDTH = 8  # taps are unrolled at compile time; Mamba uses 4
 _FWD_BLOCK_L, _FWD_BLOCK_D, _FWD_WARPS = 64, 128, 4
-_BWD_BLOCK_L, _BWD_BLOCK_D, _BWD_WARPS = 32, 128, 4
+_BWD_BLOCK_L, _BWD_BLOCK_D, _BWD_WARPS = 64, 128, 4
 _BWD_ROWS_PER_PROGRAM = 256  # sequence positions one backward program walks (bounds the weight-grad partials)
 
 
@@ -58,12 +58,12 @@ def _conv1d_fwd_kernel(
     mask_l = offs_l < L
     mask_d = offs_d < D
     x_base = X + pid_b * stride_xb
-    seg_base = SEG + pid_b * stride_sb
 
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     if HAS_SEQ:
+        seg_base = SEG + pid_b * stride_sb
         seg_t = tl.load(seg_base + offs_l, mask=mask_l, other=-1)
     for j in tl.static_range(KW):
         src = offs_l - (KW - 1) + j
@@ -94,17 +94,24 @@ def _conv1d_bwd_kernel(
     stride_wd, stride_ww,
     stride_sb,
     stride_pb, stride_pc,
+    stride_qb, stride_qc,
     HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, KW: tl.constexpr, KW_PAD: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # A tile computes dpre = dout * silu'(pre) on BLOCK_L rows but writes dx only for its first OUT_L rows: the last
+    # KW - 1 rows are the halo that dx[s] = sum_k weight[KW-1-k] * dpre[s+k] reads (shifted in registers by gather),
+    # and the next tile starts right after the OUT_L rows, so every position is output exactly once.
+    OUT_L: tl.constexpr = BLOCK_L - (KW - 1)
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
+    rows = tl.arange(0, BLOCK_L)
     x_base = X + pid_b * stride_xb
     g_base = DOUT + pid_b * stride_gb
-    seg_base = SEG + pid_b * stride_sb
+    if HAS_SEQ:
+        seg_base = SEG + pid_b * stride_sb
     taps = tl.arange(0, KW_PAD)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -112,63 +119,65 @@ def _conv1d_bwd_kernel(
     dw_acc = tl.zeros((BLOCK_D, KW_PAD), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for tile in range(TILES):
-        offs_s = (pid_c * TILES + tile) * BLOCK_L + tl.arange(0, BLOCK_L)
-        mask_s = offs_s < L
+        offs_r = (pid_c * TILES + tile) * OUT_L + rows
+        mask_r = offs_r < L
+        is_out = mask_r & (rows < OUT_L)
         if HAS_SEQ:
-            seg_s = tl.load(seg_base + offs_s, mask=mask_s, other=-1)
-        dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-        # dx[s] = sum_k weight[KW-1-k] * dpre[s+k] (same segment); dpre = dout * silu'(pre), pre recomputed.
-        for k in tl.static_range(KW):
-            offs_t = offs_s + k
-            mask_t = offs_t < L
-            if HAS_SEQ:
-                seg_t = tl.load(seg_base + offs_t, mask=mask_t, other=-1)
-            dpre = tl.load(
-                g_base + offs_t.to(tl.int64)[:, None] * stride_gl + offs_d[None, :],
-                mask=mask_t[:, None] & mask_d[None, :], other=0.0,
-            ).to(tl.float32)
-            if SILU:
-                pre = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-                if HAS_BIAS:
-                    pre += bias[None, :]
-                for j in tl.static_range(KW):
-                    src = offs_t - (KW - 1) + j
-                    valid = mask_t & (src >= 0)
-                    if HAS_SEQ:
-                        if j < KW - 1:
-                            seg_src = tl.load(seg_base + src, mask=valid, other=-2)
-                            valid = valid & (seg_src == seg_t)
-                    x = tl.load(
-                        x_base + src.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
-                        mask=valid[:, None] & mask_d[None, :], other=0.0,
-                    ).to(tl.float32)
-                    w = tl.load(W + offs_d * stride_wd + j * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
-                    pre += x * w[None, :]
-                sig = tl.sigmoid(pre)
-                dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-            if k == 0:
-                # Positions s themselves: their dpre feeds the weight and bias gradients.
-                db_acc += tl.sum(dpre, axis=0)
-                for j in tl.static_range(KW):
-                    src = offs_s - (KW - 1) + j
-                    valid = mask_s & (src >= 0)
-                    if HAS_SEQ:
-                        if j < KW - 1:
-                            seg_src = tl.load(seg_base + src, mask=valid, other=-2)
-                            valid = valid & (seg_src == seg_s)
-                    x = tl.load(
-                        x_base + src.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
-                        mask=valid[:, None] & mask_d[None, :], other=0.0,
-                    ).to(tl.float32)
-                    contrib = tl.sum(dpre * x, axis=0)
-                    dw_acc += tl.where(taps[None, :] == j, contrib[:, None], 0.0)
-            else:
+            seg_r = tl.load(seg_base + offs_r, mask=mask_r, other=-1)
+        dpre = tl.load(
+            g_base + offs_r.to(tl.int64)[:, None] * stride_gl + offs_d[None, :],
+            mask=mask_r[:, None] & mask_d[None, :], other=0.0,
+        ).to(tl.float32)
+        if SILU:
+            pre = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+            if HAS_BIAS:
+                pre += bias[None, :]
+            for j in tl.static_range(KW):
+                src = offs_r - (KW - 1) + j
+                valid = mask_r & (src >= 0)
                 if HAS_SEQ:
-                    dpre = tl.where((seg_t == seg_s)[:, None], dpre, 0.0)
+                    if j < KW - 1:
+                        seg_src = tl.load(seg_base + src, mask=valid, other=-2)
+                        valid = valid & (seg_src == seg_r)
+                x = tl.load(
+                    x_base + src.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
+                    mask=valid[:, None] & mask_d[None, :], other=0.0,
+                ).to(tl.float32)
+                w = tl.load(W + offs_d * stride_wd + j * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
+                pre += x * w[None, :]
+            sig = tl.sigmoid(pre)
+            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+
+        # Weight and bias gradients from the output rows (x reloaded: L1/L2 hits, fewer live registers).
+        dpre_out = tl.where(is_out[:, None], dpre, 0.0)
+        db_acc += tl.sum(dpre_out, axis=0)
+        for j in tl.static_range(KW):
+            src = offs_r - (KW - 1) + j
+            valid = is_out & (src >= 0)
+            if HAS_SEQ:
+                if j < KW - 1:
+                    seg_src = tl.load(seg_base + src, mask=valid, other=-2)
+                    valid = valid & (seg_src == seg_r)
+            x = tl.load(
+                x_base + src.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
+                mask=valid[:, None] & mask_d[None, :], other=0.0,
+            ).to(tl.float32)
+            contrib = tl.sum(dpre_out * x, axis=0)
+            dw_acc += tl.where(taps[None, :] == j, contrib[:, None], 0.0)
+
+        # Input gradient of the output rows.
+        w_last = tl.load(W + offs_d * stride_wd + (KW - 1) * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
+        dx = dpre * w_last[None, :]
+        for k in tl.static_range(1, KW):
+            idx = tl.minimum(rows + k, BLOCK_L - 1)
+            shifted = tl.gather(dpre, tl.broadcast_to(idx[:, None], (BLOCK_L, BLOCK_D)), axis=0)
+            if HAS_SEQ:
+                seg_k = tl.load(seg_base + offs_r + k, mask=mask_r & (offs_r + k < L), other=-3)
+                shifted = tl.where((seg_k == seg_r)[:, None], shifted, 0.0)
             w_k = tl.load(W + offs_d * stride_wd + (KW - 1 - k) * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
-            dx += dpre * w_k[None, :]
-        dx_ptrs = DX + pid_b * stride_dxb + offs_s.to(tl.int64)[:, None] * stride_dxl + offs_d[None, :]
-        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask_s[:, None] & mask_d[None, :])
+            dx += shifted * w_k[None, :]
+        dx_ptrs = DX + pid_b * stride_dxb + offs_r.to(tl.int64)[:, None] * stride_dxl + offs_d[None, :]
+        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=is_out[:, None] & mask_d[None, :])
 
     part = pid_b * stride_pb + pid_c * stride_pc
     tl.store(
@@ -176,7 +185,7 @@ def _conv1d_bwd_kernel(
         mask=mask_d[:, None] & (taps[None, :] < KW),
     )
     if HAS_BIAS:
-        tl.store(DB_PART + pid_b * (stride_pb // KW) + pid_c * (stride_pc // KW) + offs_d, db_acc, mask=mask_d)
+        tl.store(DB_PART + pid_b * stride_qb + pid_c * stride_qc + offs_d, db_acc, mask=mask_d)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -220,8 +229,10 @@ def _conv_bwd(
     b, l, d = x.shape
     kw = weight.shape[1]
     dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
-    n_blocks = triton.cdiv(l, _BWD_BLOCK_L)
-    tiles = max(1, min(n_blocks, _BWD_ROWS_PER_PROGRAM // _BWD_BLOCK_L))
+    block_l = max(_BWD_BLOCK_L, triton.next_power_of_2(2 * kw))  # room for the kw - 1 halo rows
+    out_rows = block_l - (kw - 1)
+    n_blocks = triton.cdiv(l, out_rows)
+    tiles = max(1, min(n_blocks, _BWD_ROWS_PER_PROGRAM // out_rows))
     chunks = triton.cdiv(n_blocks, tiles)
     dw_part = torch.zeros((b, chunks, d, kw), device=x.device, dtype=torch.float32)
     db_part = torch.zeros((b, chunks, d), device=x.device, dtype=torch.float32) if bias is not None else None
@@ -236,8 +247,9 @@ def _conv_bwd(
             weight.stride(0), weight.stride(1),
             segments.stride(0) if segments is not None else 0,
             dw_part.stride(0), dw_part.stride(1),
+            db_part.stride(0) if db_part is not None else 0, db_part.stride(1) if db_part is not None else 0,
             HAS_BIAS=bias is not None, HAS_SEQ=segments is not None, SILU=silu, KW=kw,
-            KW_PAD=triton.next_power_of_2(kw), BLOCK_L=_BWD_BLOCK_L, BLOCK_D=_BWD_BLOCK_D, num_warps=_BWD_WARPS,
+            KW_PAD=triton.next_power_of_2(kw), BLOCK_L=block_l, BLOCK_D=_BWD_BLOCK_D, num_warps=_BWD_WARPS,
         )
     dweight = dw_part.sum(dim=(0, 1)).to(weight.dtype)
     dbias = db_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None
