@@ -6,15 +6,19 @@ SAME weights: a random NemotronH is saved with ``save_pretrained`` and loaded wi
 Greedy, prompt 32 tokens, 64 new tokens, batch 1 and 16.
 
 Tokens/s = batch x new tokens / wall time of the whole generation (prefill included, as the peer script measures);
-``decode_only_tokens_per_s`` excludes the engine's first step (prefill of every prompt + one decode step). Each figure
-is the median of ``--repeats`` runs after one warm-up. Prints JSON; writes it to $OUT/cpu_decode.json when OUT is set.
+``decode_only_tokens_per_s`` excludes the engine's first step (prefill of every prompt + one decode step);
+``*_cpu_time_tokens_per_s`` divide by the process CPU time instead, a steadier figure on a shared machine with
+``--threads 1`` (with more threads it counts every thread's time, spin-waits included). Ours and HF's runs alternate,
+so both see the same load; each figure is the median of ``--repeats`` runs after one warm-up each. Prints JSON;
+writes it to $OUT/cpu_decode.json when OUT is set.
 
-    python benchmarks/cpu_decode.py [--batch-sizes 1 16] [--repeats 5] [--threads N]
+    PYTHONPATH=. python benchmarks/cpu_decode.py [--batch-sizes 1 16] [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -43,41 +47,33 @@ def hf_model():
     return NemotronHForCausalLM(config).eval()
 
 
-def time_hf(model, prompts: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
-    def run() -> torch.Tensor:
+def hf_generate(model, prompts: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
         return model.generate(
             prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
             do_sample=False, pad_token_id=0,
-        )
-
-    with torch.no_grad():
-        out = run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), out[:, PROMPT_LEN:]
+        )[:, PROMPT_LEN:]
 
 
-def time_engine(engine: InferenceEngine, prompts: list[list[int]], repeats: int) -> tuple[float, float, list]:
+def engine_generate(engine: InferenceEngine, prompts: list[list[int]]) -> tuple[float, float, float, list]:
+    """(wall seconds, process CPU seconds, wall seconds after the first step, outputs) of one greedy generation."""
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
-    outputs = engine.generate(prompts, params)  # warm-up
-    totals, decodes = [], []
-    for _ in range(repeats):
-        for index, prompt in enumerate(prompts):
-            engine.add_request(f"bench-{index}", prompt, params)
-        start = time.perf_counter()
-        engine.step()  # prefill of every prompt + the first decode step
-        after_first = time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
-        end = time.perf_counter()
-        for index in range(len(prompts)):
-            engine.pop_output(f"bench-{index}")
-        totals.append(end - start)
-        decodes.append(end - after_first)
-    return statistics.median(totals), statistics.median(decodes), [o.token_ids for o in outputs]
+    for index, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{index}", prompt, params)
+    start, cpu = time.perf_counter(), time.process_time()
+    engine.step()  # prefill of every prompt + the first decode step
+    after_first = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    end, cpu_end = time.perf_counter(), time.process_time()
+    outputs = [engine.pop_output(f"bench-{index}").token_ids for index in range(len(prompts))]
+    return end - start, cpu_end - cpu, end - after_first, outputs
+
+
+def timed(fn) -> tuple[float, float, object]:
+    start, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - start, time.process_time() - cpu, result
 
 
 def main() -> None:
@@ -104,21 +100,36 @@ def main() -> None:
         "runs": {},
     }
     generator = torch.Generator().manual_seed(1)
+    median = statistics.median
     for batch in args.batch_sizes:
         prompts = torch.randint(3, 8192, (batch, PROMPT_LEN), generator=generator)
         engine = InferenceEngine(ours, max_batch_size=batch, max_sequence_length=PROMPT_LEN + NEW_TOKENS)
-        total, decode_only, ours_tokens = time_engine(engine, prompts.tolist(), args.repeats)
+        engine_generate(engine, prompts.tolist())  # warm-up
+        if not args.skip_hf:
+            hf_generate(hf, prompts)
+        ours_wall, ours_cpu, ours_decode, hf_wall, hf_cpu = [], [], [], [], []
+        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+            wall, cpu, decode, ours_tokens = engine_generate(engine, prompts.tolist())
+            ours_wall.append(wall)
+            ours_cpu.append(cpu)
+            ours_decode.append(decode)
+            if not args.skip_hf:
+                wall, cpu, hf_tokens = timed(functools.partial(hf_generate, hf, prompts))
+                hf_wall.append(wall)
+                hf_cpu.append(cpu)
+        tokens = batch * NEW_TOKENS
         run = {
-            "ours_tokens_per_s": batch * NEW_TOKENS / total,
-            "ours_decode_only_tokens_per_s": batch * (NEW_TOKENS - 1) / decode_only,
-            "ours_ms_per_step": 1000 * decode_only / (NEW_TOKENS - 1),
+            "ours_tokens_per_s": tokens / median(ours_wall),
+            "ours_decode_only_tokens_per_s": batch * (NEW_TOKENS - 1) / median(ours_decode),
+            "ours_cpu_time_tokens_per_s": tokens / median(ours_cpu),
         }
         if not args.skip_hf:
-            hf_time, hf_tokens = time_hf(hf, prompts, args.repeats)
-            run["hf_tokens_per_s"] = batch * NEW_TOKENS / hf_time
+            run["hf_tokens_per_s"] = tokens / median(hf_wall)
+            run["hf_cpu_time_tokens_per_s"] = tokens / median(hf_cpu)
             run["speedup"] = run["ours_tokens_per_s"] / run["hf_tokens_per_s"]
-            # Informational: HF's decode step skips the dt clamp its prefill applies (time_step_min), so a few greedy
-            # tokens may differ at this config; the exact-parity test uses a negligible clamp.
+            run["speedup_cpu_time"] = run["ours_cpu_time_tokens_per_s"] / run["hf_cpu_time_tokens_per_s"]
+            # Informational: HF's decode step skips the dt clamp its prefill applies (time_step_min), so greedy
+            # tokens may drift apart at this config; the exact-parity test uses a negligible clamp.
             run["greedy_tokens_equal_hf_fraction"] = (torch.tensor(ours_tokens) == hf_tokens).float().mean().item()
         results["runs"][f"batch_{batch}"] = run
         print(json.dumps({f"batch_{batch}": run}), flush=True)

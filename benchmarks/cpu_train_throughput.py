@@ -7,8 +7,9 @@ of dim 32, ffn 1024 squared ReLU, Mamba 8 heads x 64, state 64, 2 groups, chunk 
 against the ``cpu-bench`` preset, so the benchmark measures the model the preset describes.
 
 A training step is forward + backward + ``AdamW.step()`` + ``zero_grad`` on a ``[batch, seq]`` batch of random ids
-(default 4 x 512) in float32. Before timing, numerics are checked: the loss of the first step (same weights) and the
-loss of a second step (after one AdamW update each, which also validates the gradients) must agree to ``--rtol``.
+(default 4 x 512) in float32. Before timing, numerics are checked: the loss of the first step (same weights) and of a
+second step (after one AdamW update of each) must agree to ``--rtol``, and every parameter's gradient of the first
+step (mapped onto our names and layouts) to ``--grad-rtol`` in relative L2 norm.
 Then both models are timed in the same process, alternating step by step (so drifts of the machine hit both alike),
 for ``--steps`` timed steps after ``--warmup`` steps; each figure is the median. Threads: ``--threads`` (2) for both.
 
@@ -41,7 +42,7 @@ except ModuleNotFoundError:  # `python benchmarks/cpu_train_throughput.py` from 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_hybrid import from_pretrained  # noqa: E402
-from megatron_hybrid.interop.hf import load_hf_config  # noqa: E402
+from megatron_hybrid.interop.hf import load_hf_config, state_dict_from_hf  # noqa: E402
 from megatron_hybrid.models.presets import get_preset  # noqa: E402
 
 PRESET = "cpu-bench"
@@ -104,6 +105,36 @@ def rel_err(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
+def check_parity(ours, hf, ids: torch.Tensor, our_step: Callable[[], float], hf_step: Callable[[], float],
+                 optimizers: tuple) -> dict:
+    """Losses of step 1 (same weights), every gradient of step 1, and the losses of step 2 (after one AdamW update).
+
+    The gradients are compared tensor by tensor after mapping transformers' names and layouts onto ours (the same
+    conversion as the weights: ``state_dict_from_hf``); the figure is ``||g_ours - g_hf|| / ||g_hf||``, worst tensor.
+    """
+    ours_l, hf_l = our_loss(ours, ids), hf_loss(hf, ids)
+    ours_l.backward()
+    hf_l.backward()
+    hf_grads = state_dict_from_hf({name: p.grad for name, p in hf.named_parameters()}, ours.config)
+    worst, worst_name = 0.0, ""
+    for name, param in ours.named_parameters():
+        reference = hf_grads[name]
+        err = ((param.grad - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+        if err > worst:
+            worst, worst_name = err, name
+    for optimizer in optimizers:  # the step-1 update of each model, then step 2 through the timed step functions
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    ours_step1, hf_step1 = ours_l.item(), hf_l.item()
+    ours_step2, hf_step2 = our_step(), hf_step()
+    return {
+        "loss_step1": {"ours": ours_step1, "transformers": hf_step1, "rel_err": rel_err(ours_step1, hf_step1)},
+        "grad_max_rel_err": worst,
+        "grad_worst_param": worst_name,
+        "loss_step2": {"ours": ours_step2, "transformers": hf_step2, "rel_err": rel_err(ours_step2, hf_step2)},
+    }
+
+
 def cpu_model_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -123,7 +154,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both models")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--rtol", type=float, default=1e-4, help="max relative loss difference accepted")
+    parser.add_argument("--rtol", type=float, default=1e-5, help="max relative loss difference accepted")
+    parser.add_argument("--grad-rtol", type=float, default=1e-4,
+                        help="max relative L2 difference of any parameter's gradient accepted")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of our model (informational)")
     parser.add_argument("--skip-hf", action="store_true", help="time only our model (no parity check, no ratio)")
     parser.add_argument("--date", default=None, help="date to record (default: today)")
@@ -148,7 +181,7 @@ def main() -> None:
     ids = torch.randint(0, hf_config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     tokens = args.batch * args.seq
 
-    our_step, _ = make_step(ours, our_loss, ids, args.lr)
+    our_step, our_optimizer = make_step(ours, our_loss, ids, args.lr)
     results: dict[str, object] = {
         "benchmark": "cpu_train_throughput",
         "date": args.date or datetime.date.today().isoformat(),
@@ -170,18 +203,17 @@ def main() -> None:
         results["transformers"] = transformers.__version__
         if hf_params != params:
             raise SystemExit(f"parameter counts differ: ours {params}, transformers {hf_params}")
-        hf_step, _ = make_step(hf, hf_loss, ids, args.lr)
-        # Parity: step 1 checks the forward at equal weights, step 2 (after one AdamW update of each) the gradients.
-        parity = []
-        for _ in range(2):
-            ours_l, hf_l = our_step(), hf_step()
-            parity.append({"ours": ours_l, "transformers": hf_l, "rel_err": rel_err(ours_l, hf_l)})
-        results["loss_parity"] = parity
-        worst = max(p["rel_err"] for p in parity)
-        print(f"loss step 1: ours {parity[0]['ours']:.8f} transformers {parity[0]['transformers']:.8f} "
-              f"rel err {parity[0]['rel_err']:.2e}; step 2 rel err {parity[1]['rel_err']:.2e}", flush=True)
-        if not worst <= args.rtol:
-            raise SystemExit(f"loss mismatch: relative error {worst:.3e} > {args.rtol:.1e}")
+        hf_step, hf_optimizer = make_step(hf, hf_loss, ids, args.lr)
+        parity = check_parity(ours, hf, ids, our_step, hf_step, (our_optimizer, hf_optimizer))
+        results["parity"] = parity
+        print(f"loss step 1: ours {parity['loss_step1']['ours']:.8f} transformers "
+              f"{parity['loss_step1']['transformers']:.8f} rel err {parity['loss_step1']['rel_err']:.2e}; "
+              f"gradients: max rel err {parity['grad_max_rel_err']:.2e} ({parity['grad_worst_param']}); "
+              f"loss step 2 rel err {parity['loss_step2']['rel_err']:.2e}", flush=True)
+        worst_loss = max(parity["loss_step1"]["rel_err"], parity["loss_step2"]["rel_err"])
+        if not (worst_loss <= args.rtol and parity["grad_max_rel_err"] <= args.grad_rtol):
+            raise SystemExit(f"numerics differ: loss rel err {worst_loss:.3e} (limit {args.rtol:.1e}), gradient rel "
+                             f"err {parity['grad_max_rel_err']:.3e} (limit {args.grad_rtol:.1e})")
 
     runners = {"ours": our_step}
     if not args.skip_hf:

@@ -1,5 +1,7 @@
 """GPU benchmark of whole layers and the whole model (run by hand on an H100/H200; not a test).
 
+0. Triton conv1d alone (``--parts conv``): our Triton causal conv vs the old float32 PyTorch fallback, fwd and
+   fwd+bwd at the layer shape, bf16 correctness against the reference, and a sweep of the kernels' tile sizes.
 1. Mamba layer overhead: forward+backward of one full MambaLayer (norm, in_proj, conv, SSD, gated norm, out_proj,
    residual) at the 800M layer shape (b4, L4096, hidden 1024, 32 heads x 64, 8 groups, d_state 128, chunk 128) in bf16,
    against the bare ``mamba_chunk_scan_combined`` call on the same shapes.
@@ -7,6 +9,9 @@
    forward loss and parameter gradients (relative errors).
 3. Training-step throughput of the 800M configuration (the peers' shape: vocab 256000 untied, pattern of 48 layers):
    forward + backward + fused AdamW under bf16 autocast with fp32 parameters, tokens/s, model TFLOP/s and MFU.
+
+4. Memory (``--parts memory``): bytes saved for backward per layer type with the real kernels at b1 x 4096 (the
+   counter of ``benchmarks/activation_memory.py``) and the allocated memory after forward / peaks of one step.
 
 Prints JSON and writes it to $OUT/gpu_model.json when $OUT is set. Needs mamba_ssm's Triton kernels on PYTHONPATH.
 """
@@ -190,18 +195,153 @@ def train_step_throughput(batch: int, seqlen: int = 4096, peak_tflops: float = 9
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def triton_conv(batch: int = 4, seqlen: int = 4096) -> dict:
+    """The Triton causal conv1d alone against the old fallback (PyTorch's float32 depthwise conv), fwd + bwd.
+
+    Layer shape: xBC = channels [d_inner + 2 * ngroups * d_state] = 4096 of in_proj's [b, L, 6176] bf16 output
+    (a strided view, read in place), float32 weight [4096, 4] and bias (autocast training), SiLU. Also checks the
+    Triton results in bf16 against the reference (float32 math on the same bf16 inputs), with and without documents,
+    and times a few tile configurations of the kernels (module globals) so the defaults can be tuned.
+    """
+    from megatron_hybrid.ops import causal_conv1d_ref
+    from megatron_hybrid.ops import triton_conv1d as tc
+
+    torch.manual_seed(0)
+    config = config_800m()
+    d = config.mamba_d_inner + 2 * config.mamba_num_groups * config.mamba_state_dim
+    width = 2 * config.mamba_d_inner + 2 * config.mamba_num_groups * config.mamba_state_dim + config.mamba_num_heads
+    zxbcdt = torch.randn(batch, seqlen, width, device="cuda", dtype=torch.bfloat16)
+    x = zxbcdt[..., config.mamba_d_inner:config.mamba_d_inner + d].detach().requires_grad_()
+    weight = (torch.randn(d, config.mamba_conv_kernel, device="cuda") * 0.5).requires_grad_()
+    bias = torch.randn(d, device="cuda").requires_grad_()
+    grad = torch.randn(batch, seqlen, d, device="cuda", dtype=torch.bfloat16)
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32, device="cuda")
+    seq_idx[0, 1000:] = 1
+    seq_idx[0, 2100:] = 2
+    if batch > 1:
+        seq_idx[1, 128:] = 1
+
+    def triton_fwd(seq=None):
+        return tc.causal_conv1d_channel_last_triton(x, weight, bias, "silu", seq_idx=seq)
+
+    def torch_fwd(seq=None):  # the previous GPU fallback: [b, d, l] view, float32 F.conv1d, SiLU, cast back
+        return causal_conv1d_ref(x.transpose(1, 2), weight, bias, "silu", seq_idx=seq).transpose(1, 2)
+
+    def fwd_bwd(fn, seq=None):
+        def run():
+            out = fn(seq)
+            torch.autograd.backward(out, grad)
+        return run
+
+    def grads(fn, seq=None):
+        for t in (x, weight, bias):
+            t.grad = None
+        out = fn(seq)
+        out.backward(grad)
+        return out.detach(), x.grad.clone(), weight.grad.clone(), bias.grad.clone()
+
+    res: dict = {"shape": [batch, seqlen, d], "x_strides": list(x.stride())}
+    for name, seq in (("plain", None), ("documents", seq_idx)):
+        got, want = grads(triton_fwd, seq), grads(torch_fwd, seq)
+        res[f"rel_err_{name}"] = {k: _rel_err(g, w) for k, g, w in zip(("out", "dx", "dweight", "dbias"), got, want)}
+    res["triton_fwd_ms"] = timed(lambda: triton_fwd())
+    res["triton_fwd_bwd_ms"] = timed(fwd_bwd(triton_fwd))
+    res["triton_fwd_bwd_documents_ms"] = timed(fwd_bwd(triton_fwd, seq_idx))
+    res["torch_fwd_ms"] = timed(lambda: torch_fwd())
+    res["torch_fwd_bwd_ms"] = timed(fwd_bwd(torch_fwd))
+    # Ideal: read x and write out (fwd); read x and dout, write dx (bwd).
+    res["bytes_fwd_bwd_GB"] = round(5 * x.numel() * 2 / 1e9, 3)
+    defaults = (tc.FWD_BLOCK_L, tc.FWD_BLOCK_D, tc.FWD_WARPS, tc.BWD_BLOCK_L, tc.BWD_BLOCK_D, tc.BWD_WARPS)
+    sweep = {}
+    try:
+        for cfg in ((32, 128, 4), (64, 128, 8), (64, 64, 4), (16, 256, 4)):
+            tc.FWD_BLOCK_L, tc.FWD_BLOCK_D, tc.FWD_WARPS = cfg
+            sweep[f"fwd_{cfg}"] = timed(lambda: triton_fwd())
+        tc.FWD_BLOCK_L, tc.FWD_BLOCK_D, tc.FWD_WARPS = defaults[:3]
+        for cfg in ((64, 64, 8), (64, 32, 4), (32, 64, 4), (128, 32, 8), (64, 128, 8)):
+            tc.BWD_BLOCK_L, tc.BWD_BLOCK_D, tc.BWD_WARPS = cfg
+            out = triton_fwd()
+            sweep[f"bwd_{cfg}"] = timed(lambda out=out: torch.autograd.grad(out, (x, weight, bias), grad,
+                                                                            retain_graph=True))
+    except Exception as exc:
+        sweep["error"] = repr(exc)[:300]
+    finally:
+        tc.FWD_BLOCK_L, tc.FWD_BLOCK_D, tc.FWD_WARPS, tc.BWD_BLOCK_L, tc.BWD_BLOCK_D, tc.BWD_WARPS = defaults
+    res["tile_sweep_ms"] = sweep
+    return res
+
+
+def memory_breakdown(batch: int = 1, seqlen: int = 4096) -> dict:
+    """Saved-for-backward bytes per layer type with the real GPU kernels (``activation_memory``'s counter), and the
+    allocated memory after the forward / peak in the forward / peak in the backward of one 800M training step."""
+    from activation_memory import SavedTensorCounter, _category
+
+    torch.manual_seed(0)
+    config = config_800m()
+    model = MambaModel(config).cuda()
+    ids = torch.randint(0, config.vocab_size, (batch, seqlen), device="cuda")
+    kinds = {f"decoder.layers.{name}": {"MambaLayer": "mamba", "AttentionLayer": "attention",
+                                       "MLPLayer": "mlp"}[type(layer).__name__]
+             for name, layer in model.decoder.layers.items()}
+    counter = SavedTensorCounter(model)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).mean()
+    counter.close()
+    torch.cuda.synchronize()
+    after_fwd = torch.cuda.memory_allocated() - base
+    peak_fwd = torch.cuda.max_memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    torch.cuda.synchronize()
+    peak_bwd = torch.cuda.max_memory_allocated() - base
+    tokens = batch * seqlen
+    per_kind: dict = {}
+    for item in counter.items:
+        kind = "weight_copies" if item["weight_copy"] else _category(item["module"], kinds)
+        per_kind[kind] = per_kind.get(kind, 0) + item["bytes"]
+    top: dict = {}
+    for item in counter.items:
+        if not item["weight_copy"]:
+            module = ".".join(p for p in item["module"].split(".") if not p.isdigit())
+            last = item["shape"][-1] if item["shape"] else 0
+            key = f"{_category(item['module'], kinds)}|{module}|{item['dtype']}|{last}"
+            top[key] = top.get(key, 0) + item["bytes"]
+    return {
+        "batch": batch, "seq": seqlen,
+        "saved_bytes_per_token": {k: round(v / tokens) for k, v in per_kind.items() if k != "weight_copies"},
+        "weight_copies_GB": round(per_kind.get("weight_copies", 0) / 1e9, 2),
+        "top_saved_bytes_per_token": dict(sorted(((k, round(v / tokens)) for k, v in top.items()),
+                                                 key=lambda kv: -kv[1])[:15]),
+        "after_forward_GB": round(after_fwd / 1e9, 2), "peak_forward_GB": round(peak_fwd / 1e9, 2),
+        "peak_backward_GB": round(peak_bwd / 1e9, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="layer,parity,train")
+    parser.add_argument("--parts", default="conv,layer,parity,memory,train")
     parser.add_argument("--batches", default="2,4")
     args = parser.parse_args()
     parts = args.parts.split(",")
     RESULTS["device"] = torch.cuda.get_device_name(0)
     RESULTS["torch"] = torch.__version__
+    if "conv" in parts:
+        part("triton_conv1d")(triton_conv)
     if "layer" in parts:
         part("mamba_layer_overhead")(mamba_layer_overhead)
     if "parity" in parts:
         part("model_parity_bf16")(model_parity)
+    if "memory" in parts:
+        part("memory_breakdown_b1")(memory_breakdown)
     if "train" in parts:
         for batch in (int(b) for b in args.batches.split(",")):
             part(f"train_800m_b{batch}")(lambda batch=batch: train_step_throughput(batch))

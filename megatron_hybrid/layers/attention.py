@@ -58,6 +58,13 @@ class SDPAttention(nn.Module):
     ) -> torch.Tensor:
         """q [b, hq, s, d], k / v [b, hkv, s, d] -> [b, hq, s, d]."""
         dropout = self.dropout if self.training else 0.0
+        if k.shape[1] != q.shape[1] and q.device.type == "cpu":
+            # Grouped-query attention without repeating keys and values (the CPU kernels support it; GPU backends
+            # differ by version, so there k / v are still repeated below).
+            mask = None if seq_idx is None else document_causal_mask(seq_idx)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, enable_gqa=True
+            )
         if k.shape[1] != q.shape[1]:
             repeat = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(repeat, dim=1)
@@ -150,15 +157,21 @@ class SelfAttention(nn.Module):
         stores the keys and values of its ``s`` tokens; a decode step (``s == 1``) writes its key and value at each
         row's position and attends over the row's cache.
         """
-        qkv = self.linear_qkv(hidden_states)  # [s, b, groups_local * (heads_per_group + 2) * d]
-        seqlen, batch, _ = qkv.shape
-        qkv = qkv.view(seqlen, batch, self.groups_local, self.heads_per_group + 2, self.head_dim)
+        # Training runs batch-first ([b, s] rows: q / k / v and the context are then plain transposes, which the CPU
+        # attention kernels read faster); sequence parallelism needs the projections sequence-first, and the
+        # inference path keeps its layout.
+        batch_first = inference_context is None and not self.config.sequence_parallel
+        qkv = self.linear_qkv(hidden_states.transpose(0, 1) if batch_first else hidden_states)
+        rows = qkv.shape[:2]  # (b, s) or (s, b)
+        batch, seqlen = rows if batch_first else rows[::-1]
+        qkv = qkv.view(*rows, self.groups_local, self.heads_per_group + 2, self.head_dim)
         # split, not indexing: its backward concatenates the three gradients instead of zero-filling a qkv-sized
         # tensor for each of them.
         q, k, v = torch.split(qkv, [self.heads_per_group, 1, 1], dim=3)
-        q = q.reshape(seqlen, batch, self.heads_local, self.head_dim)
+        q = q.reshape(*rows, self.heads_local, self.head_dim)
         k, v = k.squeeze(3), v.squeeze(3)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        order = (0, 2, 1, 3) if batch_first else (1, 2, 0, 3)
+        q, k, v = (t.permute(*order) for t in (q, k, v))  # [b, heads, s, d]
         if self.rotary is not None:
             if position_ids is None:
                 position_ids = torch.arange(seqlen, device=q.device).expand(batch, seqlen)
@@ -168,6 +181,9 @@ class SelfAttention(nn.Module):
             context = self.core_attention(q, k, v, seq_idx)  # [b, heads_local, s, d]
         else:
             context = self._cached_attention(q, k, v, inference_context)
+        if batch_first:
+            context = context.transpose(1, 2).reshape(batch, seqlen, self.heads_local * self.head_dim)
+            return self.linear_proj(context).transpose(0, 1)
         context = context.permute(2, 0, 1, 3).reshape(seqlen, batch, self.heads_local * self.head_dim)
         return self.linear_proj(context)
 

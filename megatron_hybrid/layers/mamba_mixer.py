@@ -19,7 +19,7 @@ from megatron_hybrid.config import HybridConfig
 from megatron_hybrid.layers.init import normal_init, scaled_normal_init
 from megatron_hybrid.layers.sharded_param import sharded_parameter
 from megatron_hybrid.ops import (
-    causal_conv1d,
+    causal_conv1d_channel_last,
     causal_conv1d_update,
     gated_rms_norm,
     ssd_chunk_scan,
@@ -55,14 +55,15 @@ class CausalConv1d(nn.Module):
     def forward(
         self, x: torch.Tensor, seq_idx: torch.Tensor | None = None, conv_state: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``x`` [b, channels_local, s] -> silu(conv(x)) of the same shape.
+        """``x`` [b, s, channels_local] (channel-last; a strided slice of ``in_proj``'s output is read in place by the
+        GPU kernels) -> silu(conv(x)) [b, s, channels_local], a new tensor with contiguous channels.
 
         With ``conv_state`` [b, channels_local, state_len] (an inference cache, prefill from an empty state), the last
         ``state_len`` inputs of ``x`` (zero-padded on the left for short prompts) are written into it.
         """
         if conv_state is None:
-            return causal_conv1d(x, self.weight.squeeze(1), self.bias, activation="silu", seq_idx=seq_idx)
-        out, final = causal_conv1d(
+            return causal_conv1d_channel_last(x, self.weight.squeeze(1), self.bias, activation="silu", seq_idx=seq_idx)
+        out, final = causal_conv1d_channel_last(
             x, self.weight.squeeze(1), self.bias, activation="silu", seq_idx=seq_idx, return_final_states=True
         )
         # ops return the newest w - 1 inputs; a cache may be wider (d_conv, like mamba_ssm), its oldest columns unread.
@@ -211,7 +212,7 @@ class MambaMixer(nn.Module):
         z, xbc, dt = torch.split(
             zxbcdt, [self.d_inner_local, self.d_inner_local + 2 * group_width, self.nheads_local], dim=-1
         )
-        xbc = self.conv1d(xbc.transpose(1, 2), seq_idx, conv_state=conv_state).transpose(1, 2)
+        xbc = self.conv1d(xbc, seq_idx, conv_state=conv_state)
         x, B, C = torch.split(xbc, [self.d_inner_local, group_width, group_width], dim=-1)
         y = ssd_chunk_scan(
             x.reshape(batch, seqlen, self.nheads_local, self.headdim),

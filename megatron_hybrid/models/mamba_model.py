@@ -12,7 +12,7 @@ from megatron_hybrid.config import HybridConfig
 from megatron_hybrid.layers.init import normal_init
 from megatron_hybrid.layers.sharded_param import sharded_parameter
 from megatron_hybrid.models.specs import local_stack_spec
-from megatron_hybrid.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_hybrid.parallel.cross_entropy import linear_cross_entropy, vocab_parallel_cross_entropy
 from megatron_hybrid.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence_parallel,
@@ -154,9 +154,16 @@ class MambaModel(nn.Module):
             hidden_states = gather_from_sequence_parallel(hidden_states, groups.tp)
         else:
             hidden_states = copy_to_tp(hidden_states, groups.tp)
+        if labels is not None and groups.tp_size == 1 and hidden_states.device.type == "cpu":
+            # Output layer and loss fused: the [s, b, vocab] logits are never materialised as a separate tensor.
+            # CPU only: its float32 slice-by-slice matmuls would bypass autocast's bf16 tensor cores on a GPU, where
+            # the chunked vocab_parallel_cross_entropy below keeps the memory down instead.
+            loss = linear_cross_entropy(hidden_states, self.output_weight, labels.transpose(0, 1))
+            return loss.transpose(0, 1).contiguous()
         logits = F.linear(hidden_states, self.output_weight)  # [s, b, vocab / tp]
         if labels is not None:
-            loss = vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1), groups)
+            # bf16 logits as they are: the loss upcasts chunk by chunk (no float32 [s, b, vocab] copy here).
+            loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), groups)
             return loss.transpose(0, 1).contiguous()
         logits = gather_from_tp(logits, groups.tp)[..., : config.vocab_size]
         return logits.transpose(0, 1).contiguous()

@@ -5,8 +5,9 @@ Every op takes ``backend="auto" | "torch" | "triton"``:
 * ``"torch"``: the pure-PyTorch reference (any device; the numerical ground truth, used in CPU tests/benchmarks).
 * ``"triton"``: the GPU fast path; raises ``KernelUnavailableError`` with the reason when the tensors are not on CUDA
   or the kernels cannot be loaded. For the scan, the state update and the norms that is mamba_ssm's Triton kernels.
-  For the convolutions it is causal_conv1d's CUDA kernel when importable and applicable, otherwise PyTorch's own
-  (cuDNN) convolution on the GPU, which is an acceptable fast path, so the convs never raise for a missing package.
+  For the convolutions it is causal_conv1d's CUDA kernel when importable and applicable, otherwise our own Triton
+  kernel (``ops.triton_conv1d``: channel-last, fused SiLU, documents, fwd + bwd), otherwise PyTorch's own (cuDNN)
+  convolution on the GPU; the convs never raise for a missing package (a Triton load failure on CUDA warns once).
 * ``"auto"`` (default): ``"triton"`` for CUDA tensors whose kernels load, else ``"torch"``. On CUDA tensors a fallback
   to the slow reference is announced once per process with a ``KernelFallbackWarning`` that carries the import error.
   The environment variable ``MEGATRON_HYBRID_KERNELS`` (auto/torch/triton), read at every call, replaces ``"auto"``.
@@ -32,6 +33,7 @@ from megatron_hybrid.ops.mamba_ssm_loader import (
     MambaSsmKernels,
     load_causal_conv1d_kernels,
     load_mamba_ssm_kernels,
+    load_triton_conv1d,
 )
 from megatron_hybrid.ops.norm import gated_rms_norm_ref, rms_norm_ref
 from megatron_hybrid.ops.ssd import check_ssd_shapes, ssd_chunk_scan_ref
@@ -168,6 +170,133 @@ def _conv_layout(x: torch.Tensor, need_channel_last: bool) -> torch.Tensor:
     return x if x.stride(2) == 1 else x.contiguous()
 
 
+def _conv_ext(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    seq_idx: torch.Tensor | None,
+    initial_states: torch.Tensor | None,
+    return_final_states: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """causal_conv1d's CUDA kernel on ``x`` [b, d, l] when it loads and applies, else None."""
+    try:
+        kernels = load_causal_conv1d_kernels()
+    except KernelUnavailableError:
+        return None
+    d, w = weight.shape[0], weight.shape[-1]
+    states = initial_states is not None or return_final_states
+    usable = (
+        2 <= w <= 4
+        and weight.dtype in _KERNEL_DTYPES
+        and (bias is None or bias.dtype == weight.dtype)
+        and not (seq_idx is not None and states)
+        and (not (seq_idx is not None or states) or d % 8 == 0)
+        and (initial_states is None or initial_states.dtype == x.dtype)
+    )
+    if not usable:
+        return None
+    segments = None
+    x = _conv_layout(x, need_channel_last=seq_idx is not None or states)
+    if seq_idx is not None:
+        segments = segment_ids(seq_idx).to(torch.int32).contiguous()
+    if initial_states is not None:
+        initial_states = _channel_last(initial_states)
+    return kernels.causal_conv1d_fn(
+        x, weight.contiguous(), bias.contiguous() if bias is not None else None, seq_idx=segments,
+        initial_states=initial_states, return_final_states=return_final_states, activation=activation,
+    )
+
+
+def _final_conv_inputs(x_cl: torch.Tensor, width: int, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """The last ``width - 1`` inputs of channel-last ``x_cl`` [b, l, d] as [b, d, width - 1] (``causal_conv1d_ref``'s
+    final states: zero-padded on the left, other documents than the last token's zeroed)."""
+    b, l, d = x_cl.shape
+    keep = width - 1
+    tail = x_cl[:, max(l - keep, 0):]
+    if tail.shape[1] < keep:
+        tail = torch.cat([tail.new_zeros(b, keep - tail.shape[1], d), tail], dim=1)
+    if seq_idx is not None and keep > 0:
+        seg = segment_ids(seq_idx)
+        seg_tail = seg[:, max(l - keep, 0):]
+        same = seg_tail == seg[:, -1:]
+        if same.shape[1] < keep:
+            same = torch.cat([same.new_zeros(b, keep - same.shape[1]), same], dim=1)
+        tail = tail * same.unsqueeze(-1).to(tail.dtype)
+    return tail.transpose(1, 2).contiguous()
+
+
+def _conv_triton(
+    x_cl: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    seq_idx: torch.Tensor | None,
+    initial_states: torch.Tensor | None,
+    return_final_states: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """Our Triton kernel on channel-last ``x_cl`` [b, l, d] -> [b, l, d], or None where it does not apply (initial
+    states, very wide kernels, other dtypes) or cannot load; a load failure on CUDA is announced once."""
+    if initial_states is not None or weight.shape[-1] > 8 or weight.dtype not in _KERNEL_DTYPES:
+        return None
+    if bias is not None and bias.dtype not in _KERNEL_DTYPES:
+        return None
+    try:
+        conv = load_triton_conv1d()
+    except KernelUnavailableError as exc:
+        _warn_once(
+            "triton_conv1d",
+            f"megatron_hybrid.ops.causal_conv1d: CUDA tensors, but neither causal_conv1d's CUDA kernel nor our Triton "
+            f"conv could be loaded, so the conv runs PyTorch's generic depthwise convolution (several times slower "
+            f"with its layout copies and casts). Reason: {exc}.",
+        )
+        return None
+    if x_cl.stride(-1) != 1:
+        x_cl = x_cl.contiguous()
+    out = conv(x_cl, weight, bias, activation, seq_idx=seq_idx)
+    if return_final_states:
+        return out, _final_conv_inputs(x_cl, weight.shape[-1], seq_idx)
+    return out
+
+
+def causal_conv1d_channel_last(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``causal_conv1d`` on a channel-last ``x`` [b, l, d]; returns [b, l, d] (and final states [b, d, w - 1]).
+
+    The layout a Mamba mixer has: ``x`` may be a strided slice of ``in_proj``'s output (``stride(-1) == 1``), which
+    the GPU kernels read in place. On CUDA: causal_conv1d's kernel when importable and applicable, else our Triton
+    kernel (``ops.triton_conv1d``; not with ``initial_states``), else the reference. Same semantics as
+    ``causal_conv1d(x.transpose(1, 2), ...).transpose(1, 2)``.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [batch, seqlen, dim], got shape {tuple(x.shape)}")
+    if _conv_kernels_wanted("causal_conv1d", backend, x):
+        result = _conv_ext(x.transpose(1, 2), weight, bias, activation, seq_idx, initial_states, return_final_states)
+        if result is not None:
+            if return_final_states:
+                return result[0].transpose(1, 2), result[1]
+            return result.transpose(1, 2)
+        result = _conv_triton(x, weight, bias, activation, seq_idx, initial_states, return_final_states)
+        if result is not None:
+            return result
+    result = causal_conv1d_ref(
+        x.transpose(1, 2), weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
+        return_final_states=return_final_states,
+    )
+    if return_final_states:
+        return result[0].transpose(1, 2), result[1]
+    return result.transpose(1, 2)
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -183,35 +312,19 @@ def causal_conv1d(
 
     x [b, d, l], weight [d, w], bias [d], activation None | "silu" | "swish", seq_idx [b, l] int, initial_states
     [b, d, w - 1]. Returns [b, d, l] (and the final conv inputs [b, d, w - 1] with ``return_final_states``).
-    causal_conv1d's kernel cannot combine seq_idx with initial/final states; such calls use the torch path.
+    causal_conv1d's kernel cannot combine seq_idx with initial/final states; such calls use our Triton kernel or the
+    torch path. Channel-last callers (a Mamba mixer) should use ``causal_conv1d_channel_last``.
     """
     if _conv_kernels_wanted("causal_conv1d", backend, x):
-        try:
-            kernels = load_causal_conv1d_kernels()
-        except KernelUnavailableError:
-            kernels = None
-        d, w = weight.shape[0], weight.shape[-1]
-        states = initial_states is not None or return_final_states
-        usable = (
-            kernels is not None
-            and 2 <= w <= 4
-            and weight.dtype in _KERNEL_DTYPES
-            and (bias is None or bias.dtype == weight.dtype)
-            and not (seq_idx is not None and states)
-            and (not (seq_idx is not None or states) or d % 8 == 0)
-            and (initial_states is None or initial_states.dtype == x.dtype)
-        )
-        if usable:
-            segments = None
-            x = _conv_layout(x, need_channel_last=seq_idx is not None or states)
-            if seq_idx is not None:
-                segments = segment_ids(seq_idx).to(torch.int32).contiguous()
-            if initial_states is not None:
-                initial_states = _channel_last(initial_states)
-            return kernels.causal_conv1d_fn(
-                x, weight.contiguous(), bias.contiguous() if bias is not None else None, seq_idx=segments,
-                initial_states=initial_states, return_final_states=return_final_states, activation=activation,
-            )
+        result = _conv_ext(x, weight, bias, activation, seq_idx, initial_states, return_final_states)
+        if result is not None:
+            return result
+        result = _conv_triton(x.transpose(1, 2), weight, bias, activation, seq_idx, initial_states,
+                              return_final_states)
+        if result is not None:
+            if return_final_states:
+                return result[0].transpose(1, 2), result[1]
+            return result.transpose(1, 2)
     return causal_conv1d_ref(
         x, weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
         return_final_states=return_final_states,
@@ -341,15 +454,21 @@ def kernel_backend_info() -> dict[str, Any]:
         info["causal_conv1d"] = {"available": True, "error": None}
     except KernelUnavailableError as exc:
         info["causal_conv1d"] = {"available": False, "error": str(exc)}
+    try:
+        load_triton_conv1d()
+        info["triton_conv1d"] = {"available": True, "error": None}
+    except KernelUnavailableError as exc:
+        info["triton_conv1d"] = {"available": False, "error": str(exc)}
     triton_ok = info["mamba_ssm_triton"]["available"]
     conv_ok = info["causal_conv1d"]["available"]
+    conv_fallback = "triton (megatron_hybrid)" if info["triton_conv1d"]["available"] else "torch (F.conv1d on GPU)"
     mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     on_cuda = {
         "ssd_chunk_scan": "triton" if triton_ok else "torch",
         "ssm_state_update": "triton" if triton_ok else "torch",
         "rms_norm": "triton" if triton_ok else "torch",
         "gated_rms_norm": "triton" if triton_ok else "torch",
-        "causal_conv1d": "causal_conv1d" if conv_ok else "torch (F.conv1d on GPU)",
+        "causal_conv1d": "causal_conv1d" if conv_ok else conv_fallback,
         "causal_conv1d_update": "causal_conv1d" if conv_ok else "torch (F.conv1d on GPU)",
     }
     if mode == "torch":

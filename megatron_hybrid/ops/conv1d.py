@@ -98,36 +98,41 @@ class _ShiftedDepthwiseConv(torch.autograd.Function):
                 masks: torch.Tensor | None) -> torch.Tensor:
         w = weight.shape[1]
         l = padded.shape[1] - (w - 1)
-        out = padded[:, w - 1:] * weight[:, w - 1]
-        if bias is not None:
-            out += bias
+        taps = weight.t().contiguous()  # [w, d]: each tap's weights contiguous, like the channels they scale
+        last = padded[:, w - 1:]
+        out = torch.addcmul(bias, last, taps[w - 1]) if bias is not None else last * taps[w - 1]
         for j in range(w - 1):
             tap = padded[:, j:j + l]
             if masks is not None:
                 tap = tap * masks[:, :, j, None]
-            out.addcmul_(tap, weight[:, j])
-        ctx.save_for_backward(padded, weight, masks)
+            out.addcmul_(tap, taps[j])
+        ctx.save_for_backward(padded, taps, masks)
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        padded, weight, masks = ctx.saved_tensors
-        w = weight.shape[1]
+        padded, taps, masks = ctx.saved_tensors
+        w = taps.shape[0]
         l = padded.shape[1] - (w - 1)
+        grad_out = grad_out.contiguous()
         grad_padded = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_padded = padded.new_zeros(padded.shape)
+            # The last tap covers rows w - 1 .. end: it initialises them, only the first w - 1 rows need zeros.
+            grad_padded = torch.empty_like(padded, memory_format=torch.contiguous_format)
+            grad_padded[:, :w - 1].zero_()
+            torch.mul(grad_out, taps[w - 1], out=grad_padded[:, w - 1:])
         if ctx.needs_input_grad[1]:
-            grad_weight = weight.new_empty(weight.shape)
+            grad_weight = taps.new_empty(taps.shape)
+            product = torch.empty_like(grad_out)  # one scratch buffer for the four weight-gradient products
         for j in range(w):
             grad_tap = grad_out
             if masks is not None and j < w - 1:
                 grad_tap = grad_out * masks[:, :, j, None]
-            if grad_padded is not None:
-                grad_padded[:, j:j + l].addcmul_(grad_tap, weight[:, j])
+            if grad_padded is not None and j < w - 1:
+                grad_padded[:, j:j + l].addcmul_(grad_tap, taps[j])
             if grad_weight is not None:
-                grad_weight[:, j] = (grad_tap * padded[:, j:j + l]).sum(dim=(0, 1))
+                grad_weight[j] = torch.mul(grad_tap, padded[:, j:j + l], out=product).sum(dim=(0, 1))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=(0, 1))
-        return grad_padded, grad_weight, grad_bias, None
+        return grad_padded, None if grad_weight is None else grad_weight.t(), grad_bias, None

@@ -33,18 +33,27 @@ STATE_PASSING_MATMUL_MAX_CHUNKS = 64
 MAX_BLOCK = 64
 
 
+# Decays exp(x) with x below this are flushed to exactly 0 (see _exp_flushed).
+_LOG_DECAY_FLOOR = {torch.float32: -40.0, torch.float64: -300.0}
+
+
 def _log_floor(dtype: torch.dtype) -> float:
-    """Smallest log-decay kept as is; lower ones are raised to it (a decay below exp(floor) is replaced by exp(floor)).
+    return _LOG_DECAY_FLOOR.get(dtype, -40.0)
 
-    exp(-61) ~ 3e-27 for float32 (30% above log of the smallest normal, -87): next to the undecayed diagonal term it is
-    far below float32 resolution, and it keeps decays and their products out of the subnormal range, which x86 CPUs
-    compute 10-100x slower. float64 gets the same 70% of its own range.
+
+def _flush_tiny_(log_decay: torch.Tensor) -> torch.Tensor:
+    """In place: log-decays below the floor become -inf, so that their exp is exactly 0.
+
+    A decay under exp(-40) ~ 4e-18 (float32) is ten orders of magnitude below float32 resolution next to a token's own,
+    undecayed term, so dropping it does not change results; keeping it would feed the matmuls of the forward and,
+    multiplied by small gradients, of the backward with subnormal floats, which x86 CPUs process 10-100x slower than
+    normal ones (whole layers ran 2-3x slower). float64 keeps decays down to exp(-300).
     """
-    return 0.7 * math.log(torch.finfo(dtype).tiny)
+    return F.threshold_(log_decay, _log_floor(log_decay.dtype), -math.inf)
 
 
-def _exp_floored(log_decay: torch.Tensor) -> torch.Tensor:
-    return log_decay.clamp(min=_log_floor(log_decay.dtype)).exp()
+def _exp_flushed(log_decay: torch.Tensor) -> torch.Tensor:
+    return _flush_tiny_(log_decay.clone()).exp_()
 
 
 def check_ssd_shapes(
@@ -94,9 +103,9 @@ def check_ssd_shapes(
 
 
 def _masked_exp(log_decay: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """exp where ``keep`` (floored like ``_exp_floored``), exactly 0 elsewhere; masking before exp keeps both the
+    """exp where ``keep`` (flushed like ``_exp_flushed``), exactly 0 elsewhere; masking before exp keeps both the
     value and its gradient finite."""
-    return log_decay.clamp(min=_log_floor(log_decay.dtype)).masked_fill(~keep, -math.inf).exp()
+    return _flush_tiny_(log_decay.masked_fill(~keep, -math.inf)).exp_()
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -139,7 +148,7 @@ class _ChunkedScan(torch.autograd.Function):
         # Within blocks.
         scores = C_h @ B_h.transpose(-1, -2)  # [b, c, g, T, T]
         decay = cum[..., :, None] - cum[..., None, :]  # [b, c, g, hg, T, T]
-        decay.clamp_(min=_log_floor(decay.dtype)).exp_()
+        _flush_tiny_(decay).exp_()
         if intra_keep is None:
             decay.tril_()  # also clears the overflowed entries above the diagonal
         else:
@@ -148,7 +157,7 @@ class _ChunkedScan(torch.autograd.Function):
         y = mixed @ u  # [b, c, g, hg, T, p]
 
         # What each block adds to the state at its end, and the states carried across blocks.
-        to_end = _exp_floored(cum[..., -1:] - cum)  # [b, c, g, hg, T]
+        to_end = _exp_flushed(cum[..., -1:] - cum)  # [b, c, g, hg, T]
         if end_keep is not None:
             to_end = to_end * end_keep
         B_scaled = B_h.unsqueeze(3) * to_end.unsqueeze(-1)  # [b, c, g, hg, T, n]
@@ -157,7 +166,7 @@ class _ChunkedScan(torch.autograd.Function):
         entering = entering.contiguous()
 
         # The carried state's contribution, accumulated into y.
-        from_start = _exp_floored(cum)
+        from_start = _exp_flushed(cum)
         if start_keep is not None:
             from_start = from_start * start_keep
         C_scaled = C_h.unsqueeze(3) * from_start.unsqueeze(-1)  # [b, c, g, hg, T, n]
@@ -192,7 +201,7 @@ class _ChunkedScan(torch.autograd.Function):
         # State passing across blocks, H[k + 1] = a[k] H[k] + states[k] (H[0] the initial state, H[c] the final one),
         # run backwards: G = dL/dH[k + 1] gives d states[k] = G and d a[k] = <G, H[k]>.
         log_decay = cum[..., -1]  # [b, c, g, hg]
-        a = _exp_floored(log_decay)
+        a = _exp_flushed(log_decay)
         if ctx.boundary is not None:
             a = a * (ctx.boundary[:, 1:] == ctx.boundary[:, :-1]).to(a.dtype)[:, :, None, None]
         grad_states = torch.empty_like(states)
@@ -277,7 +286,7 @@ def _pass_states(
         return carried[:, :, :, :c].permute(0, 3, 1, 2, 4, 5), carried[:, :, :, c]
 
     state = initial_states if initial_states is not None else chunk_states.new_zeros(b, g, hg, p, n)
-    decay = _exp_floored(chunk_log_decay)  # [b, c, g, hg]
+    decay = _exp_flushed(chunk_log_decay)  # [b, c, g, hg]
     if boundary_segments is not None:
         same = (boundary_segments[:, 1:] == boundary_segments[:, :-1]).to(decay.dtype)  # [b, c]
         decay = decay * same[:, :, None, None]

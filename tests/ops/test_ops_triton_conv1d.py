@@ -1,0 +1,217 @@
+"""The Triton causal conv1d (``ops.triton_conv1d``) against ``ops.causal_conv1d_ref``, in Triton's CPU interpreter.
+
+``TRITON_INTERPRET=1`` must be set before triton itself is imported (its own ``@jit`` helpers such as ``tl.zeros``
+are built at import time), so this module sets it at collection when triton is not imported yet and no GPU is
+present; the kernel module is then (re)imported under it. Otherwise (triton already imported, or a GPU machine, where
+the interpreter must not leak into mamba_ssm's kernels) the same tests run in a fresh subprocess instead.
+The interpreter is slow: shapes are tiny, but chosen to cross every boundary the kernels have (several sequence tiles
+and backward programs, a partial channel block, sequences shorter than the kernel, document boundaries near tile
+edges). Skipped when triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    # Never on a GPU machine: mamba_ssm's kernels, imported later in the session, would be interpreted too.
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip(
+    "triton", reason="triton is not installed: the Triton conv1d kernels are checked only with it (pip install triton)"
+)
+
+from megatron_hybrid import ops  # noqa: E402
+from megatron_hybrid.ops import backend, mamba_ssm_loader  # noqa: E402
+
+MODULE = "megatron_hybrid.ops.triton_conv1d"
+INTERPRETED = type(triton.language.zeros).__name__ == "InterpretedFunction"
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; test_in_a_fresh_process runs these"
+)
+
+
+@pytest.fixture(scope="module")
+def tconv():
+    """The kernel module, (re)imported with the interpreter on."""
+    try:
+        module = importlib.reload(sys.modules[MODULE]) if MODULE in sys.modules else importlib.import_module(MODULE)
+    except ImportError as exc:  # e.g. a triton without tl.gather
+        pytest.skip(f"the Triton conv1d cannot be imported: {exc}")
+    mamba_ssm_loader.reset_kernel_cache()
+    yield module
+    mamba_ssm_loader.reset_kernel_cache()
+    if _PREVIOUS_INTERPRET is None:  # kernels defined so far keep their mode; later imports get the default again
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
+def test_in_a_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def _documents(b: int, l: int) -> torch.Tensor:
+    """Row 0: ids 0 0 .. 1 1 .. 0 0 (a non-monotone id still starts a new segment); other rows: a boundary at 2."""
+    seq_idx = torch.zeros(b, l, dtype=torch.int64)
+    seq_idx[0, l // 3:] = 1
+    seq_idx[0, (2 * l) // 3:] = 0
+    seq_idx[1:, 2:] = 7
+    return seq_idx
+
+
+def _run(tconv, b, l, d, w, dtype, *, bias=True, activation="silu", documents=False, seed=0):
+    """Kernel and float64 reference outputs and gradients for a channel-last strided view input."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randn(b, l, d + 5, generator=gen).to(dtype)
+    x = wide[..., 2:2 + d].detach().requires_grad_()  # a strided slice, like xBC of in_proj's output
+    weight = (torch.randn(d, w, generator=gen) / w**0.5).requires_grad_()
+    b_ = torch.randn(d, generator=gen).requires_grad_() if bias else None
+    seq_idx = _documents(b, l) if documents else None
+    grad = torch.randn(b, l, d, generator=gen).to(dtype)
+
+    out = tconv.causal_conv1d_channel_last_triton(x, weight, b_, activation, seq_idx=seq_idx)
+    out.backward(grad)
+    got = (out.detach(), x.grad, weight.grad, b_.grad if bias else None)
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    b64 = b_.detach().double().requires_grad_() if bias else None
+    ref = ops.causal_conv1d_ref(x64.transpose(1, 2), w64, b64, activation, seq_idx=seq_idx).transpose(1, 2)
+    ref.backward(grad.double())
+    want = (ref.detach(), x64.grad, w64.grad, b64.grad if bias else None)
+    return got, want
+
+
+def _check(got, want, dtype):
+    # float32 math throughout; low-precision outputs are rounded once (a few ulps of the largest value).
+    rel = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    names = ("out", "dx", "dweight", "dbias")
+    for name, g, r in zip(names, got, want):
+        if r is None:
+            assert g is None
+            continue
+        assert g.shape == r.shape, name
+        err = (g.double() - r).abs().max().item()
+        scale = r.abs().max().item() + 1e-12
+        assert err <= rel * scale, f"{name}: max abs error {err:.3e} > {rel} x {scale:.3e}"
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    assert got[2].dtype == torch.float32  # parameter dtype, not the activation dtype
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_and_gradients_with_documents(tconv, dtype):
+    got, want = _run(tconv, 2, 37, 24, 4, dtype, documents=True)
+    _check(got, want, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "b, l, d, w, bias, activation",
+    [
+        (1, 5, 10, 4, False, None),  # no bias, no activation
+        (2, 3, 8, 4, True, "silu"),  # shorter than the kernel
+        (1, 1, 8, 2, True, "swish"),  # a single position
+        (2, 29, 12, 3, True, "silu"),  # odd width
+    ],
+)
+def test_edge_shapes(tconv, b, l, d, w, bias, activation):
+    got, want = _run(tconv, b, l, d, w, torch.float32, bias=bias, activation=activation, documents=l > 3)
+    _check(got, want, torch.float32)
+
+
+@needs_interpreter
+def test_many_tiles_and_programs(tconv, monkeypatch):
+    """Several forward tiles, backward tiles per program and backward programs, and a partial channel block."""
+    monkeypatch.setattr(tconv, "BWD_ROWS_PER_PROGRAM", 64)  # one tile per backward program -> 3 programs
+    got, want = _run(tconv, 2, 150, tconv.BWD_BLOCK_D + 6, 4, torch.float32, documents=True, seed=1)
+    _check(got, want, torch.float32)
+    monkeypatch.setattr(tconv, "BWD_ROWS_PER_PROGRAM", 256)  # all tiles of a row in one program
+    got, want = _run(tconv, 1, 130, 16, 4, torch.bfloat16, documents=True, seed=2)
+    _check(got, want, torch.bfloat16)
+
+
+@needs_interpreter
+def test_rejects_bad_layouts(tconv):
+    x = torch.randn(1, 8, 4)
+    with pytest.raises(ValueError, match="contiguous channels"):
+        tconv.causal_conv1d_channel_last_triton(x.transpose(1, 2).contiguous().transpose(1, 2), torch.randn(4, 4))
+    with pytest.raises(ValueError, match="weight must be"):
+        tconv.causal_conv1d_channel_last_triton(x, torch.randn(3, 4))
+
+
+@needs_interpreter
+def test_backend_triton_path_with_final_states(tconv):
+    """The dispatch's Triton branch (as taken on CUDA), incl. final states for an inference prefill, on CPU."""
+    torch.manual_seed(3)
+    b, l, d, w = 2, 11, 8, 4
+    x = torch.randn(b, d, l)  # [b, d, l] contiguous: the Triton branch copies it channel-last
+    weight, bias = torch.randn(d, w), torch.randn(d)
+    for seq_idx in (None, _documents(b, l)):
+        out, final = backend._conv_triton(x.transpose(1, 2), weight, bias, "silu", seq_idx, None, True)
+        ref_out, ref_final = ops.causal_conv1d_ref(x, weight, bias, "silu", seq_idx=seq_idx, return_final_states=True)
+        torch.testing.assert_close(out.transpose(1, 2), ref_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(final, ref_final, rtol=0, atol=0)
+    short = torch.randn(b, 2, d)  # fewer inputs than the state holds: zero-padded on the left
+    _, final = backend._conv_triton(short, weight, None, None, None, None, True)
+    _, ref_final = ops.causal_conv1d_ref(short.transpose(1, 2), weight, return_final_states=True)
+    torch.testing.assert_close(final, ref_final, rtol=0, atol=0)
+    assert backend._conv_triton(x.transpose(1, 2), weight, bias, "silu", None, torch.zeros(b, d, w - 1), False) is None
+
+
+def test_channel_last_dispatch_on_cpu_is_the_reference():
+    torch.manual_seed(4)
+    x = torch.randn(2, 9, 6)
+    weight, bias = torch.randn(6, 4), torch.randn(6)
+    seq_idx = _documents(2, 9)
+    out = ops.causal_conv1d_channel_last(x, weight, bias, "silu", seq_idx=seq_idx)
+    ref = ops.causal_conv1d_ref(x.transpose(1, 2), weight, bias, "silu", seq_idx=seq_idx).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with pytest.raises(ops.KernelUnavailableError, match="needs CUDA tensors"):
+        ops.causal_conv1d_channel_last(x, weight, backend="triton")
+
+
+@needs_interpreter
+def test_mamba_mixer_with_the_triton_conv_matches_the_torch_path(tconv, monkeypatch):
+    """The mixer's conv through the Triton kernel (dispatch forced on CPU tensors) against the reference path."""
+    from megatron_hybrid.config import HybridConfig
+    from megatron_hybrid.layers.mamba_mixer import MambaMixer
+    from megatron_hybrid.parallel.state import ParallelGroups
+
+    torch.manual_seed(5)
+    config = HybridConfig(num_layers=1, hidden_size=32, vocab_size=64, hybrid_override_pattern="M",
+                          num_attention_heads=2, mamba_state_dim=8, mamba_head_dim=8, mamba_num_groups=2,
+                          mamba_chunk_size=8)
+    mixer = MambaMixer(config, ParallelGroups.single())
+    hidden = torch.randn(19, 2, 32)
+    seq_idx = _documents(2, 19).to(torch.int32)
+    results = []
+    for force in (False, True):
+        if force:
+            monkeypatch.setattr(backend, "_conv_kernels_wanted", lambda op, mode, tensor: True)
+            monkeypatch.setattr(backend, "_conv_ext", lambda *args: None)
+        mixer.zero_grad(set_to_none=True)
+        inp = hidden.clone().requires_grad_()
+        out = mixer(inp, seq_idx=seq_idx)
+        out.square().sum().backward()
+        results.append((out.detach(), inp.grad, {n: p.grad.clone() for n, p in mixer.named_parameters()}))
+    (out_r, gin_r, grads_r), (out_t, gin_t, grads_t) = results
+    torch.testing.assert_close(out_t, out_r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gin_t, gin_r, rtol=1e-4, atol=1e-5)
+    for name in grads_r:
+        torch.testing.assert_close(grads_t[name], grads_r[name], rtol=1e-4, atol=1e-5, msg=name)
