@@ -17,7 +17,7 @@ from megatron_hybrid.config import HybridConfig
 from megatron_hybrid.layers.attention import SelfAttention
 from megatron_hybrid.layers.mamba_mixer import MambaMixer
 from megatron_hybrid.layers.mlp import MLP
-from megatron_hybrid.layers.norm import RMSNorm
+from megatron_hybrid.layers.norm import RMSNorm, build_norm
 from megatron_hybrid.parallel.state import ParallelGroups
 from megatron_hybrid.spec import ModuleSpec, build_module
 
@@ -29,8 +29,9 @@ class _PreNormResidual(nn.Module):
     meaning); each layer's norm then reads it and the mixer computes in the working precision.
     """
 
-    def __init__(self, config: HybridConfig) -> None:
+    def __init__(self, config: HybridConfig, layer_number: int) -> None:
         super().__init__()
+        self.layer_number = layer_number
         self.residual_in_fp32 = config.residual_in_fp32
         self.hidden_dropout = config.hidden_dropout
         self.params_dtype = config.params_dtype
@@ -60,15 +61,8 @@ class MambaLayer(_PreNormResidual):
         submodules: MambaLayerSubmodules = MambaLayerSubmodules(),
         layer_number: int = 0,
     ) -> None:
-        super().__init__(config)
-        self.layer_number = layer_number
-        self.norm = build_module(
-            submodules.norm,
-            config.hidden_size,
-            eps=config.norm_epsilon,
-            sequence_parallel=config.sequence_parallel,
-            dtype=config.params_dtype,
-        )
+        super().__init__(config, layer_number)
+        self.norm = build_norm(submodules.norm, config)
         self.mixer = build_module(submodules.mixer, config=config, groups=groups, layer_number=layer_number)
 
     def forward(
@@ -100,15 +94,8 @@ class AttentionLayer(_PreNormResidual):
         submodules: AttentionLayerSubmodules = AttentionLayerSubmodules(),
         layer_number: int = 0,
     ) -> None:
-        super().__init__(config)
-        self.layer_number = layer_number
-        self.input_layernorm = build_module(
-            submodules.input_layernorm,
-            config.hidden_size,
-            eps=config.norm_epsilon,
-            sequence_parallel=config.sequence_parallel,
-            dtype=config.params_dtype,
-        )
+        super().__init__(config, layer_number)
+        self.input_layernorm = build_norm(submodules.input_layernorm, config)
         self.self_attention = build_module(
             submodules.self_attention, config=config, groups=groups, layer_number=layer_number
         )
@@ -143,15 +130,8 @@ class MLPLayer(_PreNormResidual):
         submodules: MLPLayerSubmodules = MLPLayerSubmodules(),
         layer_number: int = 0,
     ) -> None:
-        super().__init__(config)
-        self.layer_number = layer_number
-        self.pre_mlp_layernorm = build_module(
-            submodules.pre_mlp_layernorm,
-            config.hidden_size,
-            eps=config.norm_epsilon,
-            sequence_parallel=config.sequence_parallel,
-            dtype=config.params_dtype,
-        )
+        super().__init__(config, layer_number)
+        self.pre_mlp_layernorm = build_norm(submodules.pre_mlp_layernorm, config)
         self.mlp = build_module(submodules.mlp, config=config, groups=groups, layer_number=layer_number)
 
     def forward(

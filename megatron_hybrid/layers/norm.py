@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron_hybrid.config import HybridConfig
 from megatron_hybrid.ops import rms_norm
+from megatron_hybrid.spec import build_module
 
 
 class RMSNorm(nn.Module):
@@ -28,3 +30,14 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def build_norm(spec: object, config: HybridConfig) -> nn.Module:
+    """Build the norm named by ``spec`` over the hidden size, with the config's epsilon, precision and SP marking."""
+    return build_module(
+        spec,
+        config.hidden_size,
+        eps=config.norm_epsilon,
+        sequence_parallel=config.sequence_parallel,
+        dtype=config.params_dtype,
+    )

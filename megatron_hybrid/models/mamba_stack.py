@@ -9,7 +9,7 @@ from torch import nn
 
 from megatron_hybrid.config import HybridConfig
 from megatron_hybrid.layers.hybrid_layers import AttentionLayer, MambaLayer, MLPLayer
-from megatron_hybrid.layers.norm import RMSNorm
+from megatron_hybrid.layers.norm import RMSNorm, build_norm
 from megatron_hybrid.parallel.state import ParallelGroups
 from megatron_hybrid.spec import ModuleSpec, build_module
 
@@ -52,13 +52,7 @@ class MambaStack(nn.Module):
             self.layers[str(index)] = build_module(spec, config=config, groups=groups, layer_number=index)
         self.final_norm = None
         if post_process:
-            self.final_norm = build_module(
-                submodules.final_norm,
-                config.hidden_size,
-                eps=config.norm_epsilon,
-                sequence_parallel=config.sequence_parallel,
-                dtype=config.params_dtype,
-            )
+            self.final_norm = build_norm(submodules.final_norm, config)
 
     def forward(
         self,
