@@ -9,10 +9,15 @@ Tokens/s = batch x new tokens / wall time of the whole generation (prefill inclu
 ``decode_only_tokens_per_s`` excludes the engine's first step (prefill of every prompt + one decode step);
 ``*_cpu_time_tokens_per_s`` divide by the process CPU time instead, a steadier figure on a shared machine with
 ``--threads 1`` (with more threads it counts every thread's time, spin-waits included). Ours and HF's runs alternate,
-so both see the same load; each figure is the median of ``--repeats`` runs after one warm-up each. Prints JSON;
-writes it to $OUT/cpu_decode.json when OUT is set.
+so both see the same load; each figure is the median of ``--repeats`` runs after one warm-up each. The load average
+before and after is recorded (a 2-core machine shared with other jobs moves both engines' figures by 2x).
 
-    PYTHONPATH=. python benchmarks/cpu_decode.py [--batch-sizes 1 16] [--repeats 5] [--threads N]
+``--breakdown`` also times, per batch size, one decode step of the engine's model runner (the CPU LeanDecoder), the
+bare matmuls of that step (the same weights as ``[in, out]`` copies, in layer order: the weight-streaming floor), the
+same step through the layer modules (``lean_decode=False``), and the prefill of the benchmark's prompts, each the
+minimum process CPU time over a few rounds. Prints JSON; writes it to $OUT/cpu_decode.json when OUT is set.
+
+    PYTHONPATH=. python benchmarks/cpu_decode.py [--batch-sizes 1 16] [--repeats 5] [--threads N] [--breakdown]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -30,6 +36,7 @@ import torch
 
 from megatron_hybrid import from_pretrained
 from megatron_hybrid.inference import InferenceEngine, SamplingParams
+from megatron_hybrid.inference.model_runner import ModelRunner
 
 PROMPT_LEN = 32
 NEW_TOKENS = 64
@@ -76,12 +83,67 @@ def timed(fn) -> tuple[float, float, object]:
     return time.perf_counter() - start, time.process_time() - cpu, result
 
 
+def min_cpu_ms(fn, calls: int = 30, rounds: int = 7) -> float:
+    """Least process CPU time of one call, in ms, over ``rounds`` rounds of ``calls`` calls (after a warm-up)."""
+    for _ in range(3):
+        fn()
+    best = math.inf
+    for _ in range(rounds):
+        start = time.process_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.process_time() - start) / calls)
+    return best * 1e3
+
+
+@torch.inference_mode()
+def step_breakdown(model: torch.nn.Module, prompts: torch.Tensor) -> dict[str, float]:
+    """Times (ms) of one decode step at ``len(prompts)`` rows: the lean step, its bare matmuls, the layer path."""
+    batch = prompts.shape[0]
+    lean = ModelRunner(model, batch, PROMPT_LEN + NEW_TOKENS)
+    layers = ModelRunner(model, batch, PROMPT_LEN + NEW_TOKENS, lean_decode=False)
+    for runner in (lean, layers):
+        runner.prefill(0, prompts)
+    ids = prompts[:, -1].clone()
+    positions = torch.full((batch,), PROMPT_LEN)
+    named = model.named_parameters()
+    weights = [param.t().contiguous() for name, param in named if param.dim() == 2 and "embedding" not in name]
+    if model.share_embeddings_and_output_weights:
+        weights.append(model.output_weight.t().contiguous())
+    inputs = [torch.randn(batch, weight.shape[0]) for weight in weights]
+
+    def bare_matmuls() -> None:
+        for x, weight in zip(inputs, weights):
+            torch.mm(x, weight)
+
+    return {
+        "lean_step_ms": min_cpu_ms(lambda: lean.decode(ids, positions, PROMPT_LEN + 1)),
+        "bare_matmuls_ms": min_cpu_ms(bare_matmuls),
+        "weight_mb": sum(w.numel() for w in weights) * 4 / 1e6,
+        "layer_path_step_ms": min_cpu_ms(lambda: layers.decode(ids, positions, PROMPT_LEN + 1), calls=10),
+        "lean_prefill_ms": min_cpu_ms(lambda: lean.prefill(0, prompts), calls=3),
+        "layer_path_prefill_ms": min_cpu_ms(lambda: layers.prefill(0, prompts), calls=3),
+    }
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--breakdown", action="store_true", help="also time one decode step's parts (see above)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,7 +153,9 @@ def main() -> None:
         hf.save_pretrained(directory)
         ours = from_pretrained(directory, dtype=torch.float32)
     results = {
-        "device": platform.processor() or platform.machine(),
+        "device": cpu_model_name(),
+        "cpus": os.cpu_count(),
+        "load_average_before": os.getloadavg(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in ours.parameters()),
@@ -131,8 +195,11 @@ def main() -> None:
             # Informational: HF's decode step skips the dt clamp its prefill applies (time_step_min), so greedy
             # tokens may drift apart at this config; the exact-parity test uses a negligible clamp.
             run["greedy_tokens_equal_hf_fraction"] = (torch.tensor(ours_tokens) == hf_tokens).float().mean().item()
+        if args.breakdown:
+            run["breakdown"] = step_breakdown(ours, prompts)
         results["runs"][f"batch_{batch}"] = run
         print(json.dumps({f"batch_{batch}": run}), flush=True)
+    results["load_average_after"] = os.getloadavg()
     print(json.dumps(results, indent=1))
     out = os.environ.get("OUT")
     if out:

@@ -11,7 +11,9 @@ A training step is forward + backward + ``AdamW.step()`` + ``zero_grad`` on a ``
 second step (after one AdamW update of each) must agree to ``--rtol``, and every parameter's gradient of the first
 step (mapped onto our names and layouts) to ``--grad-rtol`` in relative L2 norm.
 Then both models are timed in the same process, alternating step by step (so drifts of the machine hit both alike),
-for ``--steps`` timed steps after ``--warmup`` steps; each figure is the median. Threads: ``--threads`` (2) for both.
+for ``--steps`` timed steps after ``--warmup`` steps; tokens/s and the headline ratio come from the median wall time.
+Also reported: the ratio of the fastest steps and of the median process CPU time (all threads), which move less when
+other processes share the cores (the 1-minute load average is recorded). Threads: ``--threads`` (2) for both.
 
     python benchmarks/cpu_train_throughput.py [--steps 7] [--warmup 2] [--threads 2] [--compile] [--skip-hf]
 
@@ -135,6 +137,13 @@ def check_parity(ours, hf, ids: torch.Tensor, our_step: Callable[[], float], hf_
     }
 
 
+def timed(step: Callable[[], float]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step; CPU time is all threads' and includes OpenMP spin-waits."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def cpu_model_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -221,50 +230,49 @@ def main() -> None:
     for _ in range(args.warmup):
         for run in runners.values():
             run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    results["load_average_before"] = os.getloadavg()[0]
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for _ in range(args.steps):
         for name, run in runners.items():  # alternating: one step of each in turn
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+            samples[name].append(timed(run))
+    results["load_average_after"] = os.getloadavg()[0]
 
     if args.compile:
         compiled = torch.compile(ours)
         compiled_step, _ = make_step(compiled, our_loss, ids, args.lr)
-        start = time.perf_counter()
-        compiled_step()
-        results["compile_first_step_s"] = time.perf_counter() - start
+        results["compile_first_step_s"] = timed(compiled_step)[0]
         for _ in range(args.warmup):
             compiled_step()
-        times["ours_compiled"] = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            compiled_step()
-            times["ours_compiled"].append(time.perf_counter() - start)
+        samples["ours_compiled"] = [timed(compiled_step) for _ in range(args.steps)]
 
     figures = {}
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        figures[name] = {"step_s_median": median, "tokens_per_s": tokens / median,
-                         "step_s_min": min(samples), "step_s_max": max(samples)}
+    for name, pairs in samples.items():
+        wall = [w for w, _ in pairs]
+        cpu = [c for _, c in pairs]
+        median = statistics.median(wall)
+        figures[name] = {"step_s_median": median, "tokens_per_s": tokens / median, "step_s_min": min(wall),
+                         "step_s_max": max(wall), "cpu_s_median": statistics.median(cpu)}
     results["results"] = figures
     if "transformers" in figures:
-        results["ratio_ours_over_transformers"] = (
-            figures["ours"]["tokens_per_s"] / figures["transformers"]["tokens_per_s"]
-        )
-        if "ours_compiled" in figures:
-            results["ratio_compiled_over_transformers"] = (
-                figures["ours_compiled"]["tokens_per_s"] / figures["transformers"]["tokens_per_s"]
-            )
+        reference = figures["transformers"]
+        for name, fig in figures.items():
+            if name != "transformers":
+                fig["ratio_over_transformers"] = fig["tokens_per_s"] / reference["tokens_per_s"]
+                fig["ratio_over_transformers_min"] = reference["step_s_min"] / fig["step_s_min"]
+                fig["ratio_over_transformers_cpu"] = reference["cpu_s_median"] / fig["cpu_s_median"]
+        results["ratio_ours_over_transformers"] = figures["ours"]["ratio_over_transformers"]
 
     print(f"\nCPU training step, float32, batch {args.batch} x {args.seq}, {args.threads} threads, "
-          f"{results['machine']}, torch {torch.__version__}")
-    print(f"{'model':<16}{'step s (median)':>17}{'min':>9}{'max':>9}{'tokens/s':>11}")
+          f"{results['machine']}, torch {torch.__version__}, load average {results['load_average_before']:.1f}")
+    print(f"{'model':<15}{'step s (median)':>16}{'min':>8}{'max':>8}{'cpu s':>8}{'tokens/s':>10}{'vs HF':>8}"
+          f"{'(min)':>7}{'(cpu)':>7}")
     for name, fig in figures.items():
-        print(f"{name:<16}{fig['step_s_median']:>17.3f}{fig['step_s_min']:>9.3f}{fig['step_s_max']:>9.3f}"
-              f"{fig['tokens_per_s']:>11,.0f}")
-    if "ratio_ours_over_transformers" in results:
-        print(f"ours / transformers: {results['ratio_ours_over_transformers']:.2f}x")
+        ratios = ""
+        if "ratio_over_transformers" in fig:
+            ratios = (f"{fig['ratio_over_transformers']:>7.2f}x{fig['ratio_over_transformers_min']:>6.2f}x"
+                      f"{fig['ratio_over_transformers_cpu']:>6.2f}x")
+        print(f"{name:<15}{fig['step_s_median']:>16.3f}{fig['step_s_min']:>8.3f}{fig['step_s_max']:>8.3f}"
+              f"{fig['cpu_s_median']:>8.3f}{fig['tokens_per_s']:>10,.0f}{ratios}")
     print(json.dumps(results, indent=1))
     out = os.environ.get("OUT")
     if out:

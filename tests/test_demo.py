@@ -132,3 +132,11 @@ def test_run_dir_not_created_by_the_demo_is_never_wiped(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="not created by the demo"):
         demo._prepare_run_dir(str(precious))
     assert (precious / "keep.txt").read_text() == "mine"
+
+
+def test_split_trailing_spaces() -> None:
+    assert demo.split_trailing_spaces("def ") == ("def", " ")
+    assert demo.split_trailing_spaces("x =  ") == ("x =", "  ")
+    assert demo.split_trailing_spaces("def") == ("def", "")
+    assert demo.split_trailing_spaces("   ") == ("   ", "")
+    assert demo.split_trailing_spaces("") == ("", "")

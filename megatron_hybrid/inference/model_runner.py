@@ -11,9 +11,9 @@ the positions and every cache are static tensors; a step copies its ids and posi
 bucket's remaining rows (free slots, whose states are never read) with position 0, and replays. Captured graphs attend
 over the whole cache length (masked per row), since a graph cannot depend on the batch's lengths.
 
-On a CPU model at tensor-parallel size 1 the decode step runs through :class:`LeanDecoder` (the same computation as
-the layers' decode paths, flattened: the per-module overhead is most of a small model's CPU decode time) unless
-``lean_decode=False``.
+On a CPU model at tensor-parallel size 1 the decode step, and the prefill of prompts of up to
+``lean_decode.PREFILL_MAX_TOKENS`` tokens, run through :class:`LeanDecoder` (the same computation as the layers'
+paths, flattened: the per-module overhead is most of a small model's CPU decode time) unless ``lean_decode=False``.
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ class ModelRunner:
         if self.channel is not None:
             self.channel.send_prefill(slot, prompt_ids, all_logits)
         self.context.set_prefill(slot, prompt_ids.shape[0], last_token_logits_only=not all_logits)
-        logits = self.model(prompt_ids, inference_context=self.context)
+        if self.lean_decoder is not None and self.lean_decoder.can_prefill(prompt_ids.shape[1]):
+            logits = self.lean_decoder.prefill(slot, prompt_ids, all_logits)
+        else:
+            logits = self.model(prompt_ids, inference_context=self.context)
         return logits[0] if single else logits
 
     @torch.inference_mode()

@@ -57,10 +57,12 @@ def causal_conv1d_ref(
     bc = bias.to(cdt) if bias is not None else None
     # Padded input as [b, l + w - 1, d], channels fastest (the layout the shifted taps want; a free transpose of the
     # mixer's activations).
+    # (cat, not F.pad: the pad would first fill the whole output with zeros.)
     if initial_states is not None:
-        padded = torch.cat([initial_states.to(cdt).transpose(1, 2), xc.transpose(1, 2)], dim=1)
+        head = initial_states.to(cdt).transpose(1, 2)
     else:
-        padded = F.pad(xc.transpose(1, 2), (0, 0, w - 1, 0))
+        head = xc.new_zeros(b, w - 1, d)
+    padded = torch.cat([head, xc.transpose(1, 2)], dim=1)
     final = padded[:, l:].transpose(1, 2) if return_final_states else None  # [b, d, w - 1]
 
     if seq_idx is None and x.device.type != "cpu":
@@ -82,6 +84,10 @@ def causal_conv1d_ref(
     if return_final_states:
         return out, final.to(x.dtype)
     return out
+
+
+# Time steps per block of the weight-gradient reduction (32 steps x batch 4 x 768 channels x 4 taps: 1.5 MB).
+_WEIGHT_GRAD_ROWS = 32
 
 
 class _ShiftedDepthwiseConv(torch.autograd.Function):
@@ -122,17 +128,28 @@ class _ShiftedDepthwiseConv(torch.autograd.Function):
             grad_padded = torch.empty_like(padded, memory_format=torch.contiguous_format)
             grad_padded[:, :w - 1].zero_()
             torch.mul(grad_out, taps[w - 1], out=grad_padded[:, w - 1:])
-        if ctx.needs_input_grad[1]:
-            grad_weight = taps.new_empty(taps.shape)
-            product = torch.empty_like(grad_out)  # one scratch buffer for the four weight-gradient products
+        grad_taps = []
         for j in range(w):
             grad_tap = grad_out
             if masks is not None and j < w - 1:
                 grad_tap = grad_out * masks[:, :, j, None]
+            grad_taps.append(grad_tap)
             if grad_padded is not None and j < w - 1:
                 grad_padded[:, j:j + l].addcmul_(grad_tap, taps[j])
-            if grad_weight is not None:
-                grad_weight[j] = torch.mul(grad_tap, padded[:, j:j + l], out=product).sum(dim=(0, 1))
+        if ctx.needs_input_grad[1]:
+            # dweight[j] = sum over batch and time of grad * input shifted by j, accumulated over row blocks small
+            # enough that a block of grad and input is read from memory once for all w taps (then from cache).
+            grad_weight = taps.new_zeros(taps.shape)
+            rows = _WEIGHT_GRAD_ROWS
+            for start in range(0, l, rows):
+                end = min(start + rows, l)
+                if masks is None:
+                    # All taps at once: the block's inputs as a [w, b, rows, d] window view times the block's grad.
+                    window = padded[:, start:end + w - 1].unfold(1, w, 1).permute(3, 0, 1, 2)
+                    grad_weight += (grad_out[:, start:end].unsqueeze(0) * window).sum(dim=(1, 2))
+                else:
+                    for j in range(w):
+                        grad_weight[j] += (grad_taps[j][:, start:end] * padded[:, start + j:end + j]).sum(dim=(0, 1))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=(0, 1))
         return grad_padded, None if grad_weight is None else grad_weight.t(), grad_bias, None

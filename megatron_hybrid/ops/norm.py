@@ -48,8 +48,13 @@ class _GroupRMSNorm(torch.autograd.Function):
         w = weight.view(groups, group_size)
         dy = grad_y.reshape(xg.shape)
         t = dy * xg
-        grad_weight = torch.einsum("ngs,ng->gs", t, rstd).reshape(weight.shape)
-        c = torch.einsum("ngs,gs->ng", t, w)
+        if groups == 1:  # matrix-vector products (einsum would take a batched-matmul path with a batch of one)
+            flat = t.view(-1, group_size)
+            grad_weight = flat.t() @ rstd.view(-1)
+            c = (flat @ weight).unsqueeze(1)
+        else:
+            grad_weight = torch.einsum("ngs,ng->gs", t, rstd).reshape(weight.shape)
+            c = torch.einsum("ngs,gs->ng", t, w)
         k = rstd.pow(3).mul_(c).div_(group_size)
         grad_xg = (dy * w).mul_(rstd.unsqueeze(-1)).addcmul_(xg, k.unsqueeze(-1), value=-1.0)
         if z is None:

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from megatron_hybrid.ops._common import compute_dtype, process_dt, segment_ids
 
 # Up to this many chunks the inter-chunk recurrence is one masked [chunks+1, chunks+1] matmul (few kernels, good for
-# autograd and GPUs); beyond it a loop over chunks is cheaper, because the matmul form costs chunks^2 * state size.
+# GPUs); beyond it a loop over chunks is cheaper, because the matmul form costs chunks^2 * state size. On the CPU the
+# loop (one multiply-add per chunk, written in place) is cheaper at any length: STATE_PASSING_MATMUL_MAX_CHUNKS_CPU.
 STATE_PASSING_MATMUL_MAX_CHUNKS = 64
+STATE_PASSING_MATMUL_MAX_CHUNKS_CPU = 0
 
 # The scan is exact for any block length, so the reference evaluates blocks of min(chunk_size, MAX_BLOCK) tokens: the
 # per-head [T, T] decay matrices dominate its time and memory, and shorter blocks shrink them (results agree to
@@ -172,10 +174,13 @@ class _ChunkedScan(torch.autograd.Function):
         C_scaled = C_h.unsqueeze(3) * from_start.unsqueeze(-1)  # [b, c, g, hg, T, n]
         y.view(-1, T, p).baddbmm_(C_scaled.view(-1, T, n), entering.reshape(-1, p, n).transpose(1, 2))
 
+        # Back to token-major in one pass (with the skip connection D * x when there is one).
+        out = torch.empty((b, L, h, p), dtype=y.dtype, device=y.device)
+        out_h = out.view(b, nc, T, g, hg, p).permute(0, 1, 3, 4, 2, 5)
         if D is None:
-            out = y.permute(0, 1, 4, 2, 3, 5).reshape(b, L, h, p)
+            out_h.copy_(y)
         else:
-            out = torch.addcmul(y.permute(0, 1, 4, 2, 3, 5).reshape(b, L, h, p), x, D if D.dim() == 2 else D[:, None])
+            torch.addcmul(y, x_h, _per_head(D, g, hg), out=out_h)
         ctx.save_for_backward(x, dt_h, A, B_h, C_h, D, initial_states, u, cum, scores, decay, mixed, to_end,
                               B_scaled, states, from_start, C_scaled, entering)
         ctx.block, ctx.boundary = block, boundary
@@ -204,14 +209,15 @@ class _ChunkedScan(torch.autograd.Function):
         a = _exp_flushed(log_decay)
         if ctx.boundary is not None:
             a = a * (ctx.boundary[:, 1:] == ctx.boundary[:, :-1]).to(a.dtype)[:, :, None, None]
-        grad_states = torch.empty_like(states)
-        grad_a = torch.empty_like(a)
-        carry = grad_final
-        for k in range(nc - 1, -1, -1):
-            grad_states[:, k] = carry
-            grad_a[:, k] = (carry * entering[:, k]).sum(dim=(-2, -1))
-            carry = torch.addcmul(grad_entering[:, k], carry, a[:, k, :, :, None, None])
-        grad_init = carry if initial_states is not None else None
+        grad_states = torch.empty_like(states)  # grad_states[:, k] = dL/dH[k + 1]
+        grad_states[:, nc - 1] = grad_final
+        a_b = a[..., None, None]
+        for k in range(nc - 1, 0, -1):
+            torch.addcmul(grad_entering[:, k], grad_states[:, k], a_b[:, k], out=grad_states[:, k - 1])
+        grad_init = None
+        if initial_states is not None:
+            grad_init = torch.addcmul(grad_entering[:, 0], grad_states[:, 0], a_b[:, 0])
+        grad_a = (grad_states * entering).sum(dim=(-2, -1))  # <dL/dH[k + 1], H[k]>
         grad_cum[..., -1] += grad_a * a
 
         # Block states: states = u^T @ B_scaled.
@@ -236,13 +242,12 @@ class _ChunkedScan(torch.autograd.Function):
         grad_dtA = grad_cum.flip(-1).cumsum(-1).flip(-1)
         grad_dt_h = (grad_u * x_h).sum(dim=-1) + grad_dtA * A.reshape(g, hg, 1)
         grad_A = (grad_dtA * dt_h).sum(dim=(0, 1, 4)).reshape(h)
-        grad_u.mul_(dt_h.unsqueeze(-1))
         grad_D = None
-        if D is None:
-            grad_x = grad_u.permute(0, 1, 4, 2, 3, 5).reshape(b, L, h, p)
-        else:
-            grad_x = grad_out * (D if D.dim() == 2 else D[:, None])
-            grad_x.view(b, nc, T, g, hg, p).permute(0, 1, 3, 4, 2, 5).add_(grad_u)
+        grad_x = torch.empty((b, L, h, p), dtype=grad_u.dtype, device=grad_u.device)
+        grad_x_h = grad_x.view(b, nc, T, g, hg, p).permute(0, 1, 3, 4, 2, 5)
+        torch.mul(grad_u, dt_h.unsqueeze(-1), out=grad_x_h)
+        if D is not None:
+            grad_x.addcmul_(grad_out, D if D.dim() == 2 else D[:, None])
             grad_D = (grad_out * x).sum(dim=(0, 1))
             if D.dim() == 1:
                 grad_D = grad_D.sum(dim=-1)
@@ -250,6 +255,11 @@ class _ChunkedScan(torch.autograd.Function):
         grad_B = grad_B.permute(0, 1, 3, 2, 4).reshape(b, L, g, n)
         grad_C = grad_C.permute(0, 1, 3, 2, 4).reshape(b, L, g, n)
         return grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_init, None, None
+
+
+def _per_head(D: torch.Tensor, g: int, hg: int) -> torch.Tensor:
+    """D [h] or [h, p] as a factor broadcasting over head-major blocks [..., g, hg, T, p]."""
+    return D.reshape(g, hg, 1, -1)
 
 
 def _pass_states(
@@ -266,7 +276,8 @@ def _pass_states(
     Returns the state entering each chunk [b, c, g, hg, p, n] and the final state [b, g, hg, p, n].
     """
     b, c, g, hg, p, n = chunk_states.shape
-    if c <= STATE_PASSING_MATMUL_MAX_CHUNKS:
+    on_cpu = chunk_states.device.type == "cpu"
+    if c <= (STATE_PASSING_MATMUL_MAX_CHUNKS_CPU if on_cpu else STATE_PASSING_MATMUL_MAX_CHUNKS):
         # S[k] = sum_{j <= k} exp(P[k] - P[j]) * s[j] with s[0] = initial state, s[j] = chunk j - 1's state, P the
         # running sum of chunk decays; terms whose segment differs from the boundary's are masked away.
         log_decay = chunk_log_decay.permute(0, 2, 3, 1)  # [b, g, hg, c]
@@ -285,18 +296,21 @@ def _pass_states(
         carried = carried.reshape(b, g, hg, c + 1, p, n)
         return carried[:, :, :, :c].permute(0, 3, 1, 2, 4, 5), carried[:, :, :, c]
 
-    state = initial_states if initial_states is not None else chunk_states.new_zeros(b, g, hg, p, n)
     decay = _exp_flushed(chunk_log_decay)  # [b, c, g, hg]
     if boundary_segments is not None:
         same = (boundary_segments[:, 1:] == boundary_segments[:, :-1]).to(decay.dtype)  # [b, c]
         decay = decay * same[:, :, None, None]
-    entering = []
-    # unbind (not indexing) so that autograd stacks the per-chunk gradients once instead of scattering each one into
-    # a zero tensor of the full size.
-    for decay_k, added_k in zip(decay[..., None, None].unbind(1), chunk_states.unbind(1), strict=True):
-        entering.append(state)
-        state = state * decay_k + added_k
-    return torch.stack(entering, dim=1), state
+    decay = decay[..., None, None]
+    # H[k + 1] = decay[k] * H[k] + states[k], each written straight into its slot (the scan's autograd Function
+    # differentiates this recurrence by hand, so no graph is recorded here).
+    entering = chunk_states.new_empty(chunk_states.shape)
+    if initial_states is not None:
+        entering[:, 0] = initial_states
+    else:
+        entering[:, 0].zero_()
+    for k in range(c - 1):
+        torch.addcmul(chunk_states[:, k], entering[:, k], decay[:, k], out=entering[:, k + 1])
+    return entering, torch.addcmul(chunk_states[:, c - 1], entering[:, c - 1], decay[:, c - 1])
 
 
 def ssd_chunk_scan_ref(
@@ -362,7 +376,10 @@ def ssd_chunk_scan_ref(
     if initial_states is not None:
         init = initial_states.to(cdt).reshape(b, g, hg, p, n)
     Dc = D.to(cdt) if D is not None else None
-    y, final = _ChunkedScan.apply(xc_p, dt, A.to(cdt), Bc, Cc, Dc, init, T, masks)
+    # The scan computes in ``cdt`` by design; under autocast its matmuls would otherwise be re-cast to bf16 and meet
+    # float32 operands (baddbmm_ refuses mixed dtypes), so autocast is switched off around it.
+    with torch.autocast(device_type=xc_p.device.type, enabled=False):
+        y, final = _ChunkedScan.apply(xc_p, dt, A.to(cdt), Bc, Cc, Dc, init, T, masks)
     if pad:
         y = y[:, :l]
     if z is not None:

@@ -93,11 +93,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     The forward goes through the tokens in slices of ``_SLICE_ELEMENTS``: each slice's logits are computed straight into
     a row block of one [tokens, vocab] buffer and turned into ``exp(logit - max)`` there while still in cache (the
     row sums give the loss, their inverses are kept); that buffer is the only full-size tensor and is what the
-    backward reads. The backward goes through the
-    vocabulary in column slices: ``dlogits = (softmax - onehot) * grad`` for the slice (in a cache-sized scratch), then
-    ``dweight[slice] = dlogits^T hidden`` (complete: no accumulation) and ``dhidden += dlogits weight[slice]`` (a
-    [tokens, hidden] accumulator that stays in cache). Compared with linear + cross entropy as separate ops this makes
-    2 instead of ~10 passes over the [tokens, vocab] matrix and allocates it once instead of three times.
+    backward reads. The backward goes through the vocabulary in column slices: ``softmax * grad`` for the slice (in a
+    cache-sized scratch), then ``dweight[slice] = (softmax * grad)^T hidden`` (complete: no accumulation) and
+    ``dhidden += (softmax * grad) weight[slice]`` (a [tokens, hidden] accumulator that stays in cache); the one-hot
+    part of ``dlogits = (softmax - onehot) * grad`` is one row per token, applied at the end as ``dweight[target] -=
+    grad * hidden`` and ``dhidden -= grad * weight[target]``. Compared with linear + cross entropy as separate ops
+    this makes 2 instead of ~10 passes over the [tokens, vocab] matrix and allocates it once instead of three times.
     """
 
     @staticmethod
@@ -132,14 +133,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scratch = torch.empty(tokens, min(cols, vocab), dtype=probs.dtype, device=probs.device)
         for start in range(0, vocab, cols):
             end = min(start + cols, vocab)
-            grad_logits = torch.mul(probs[:, start:end], scale, out=scratch[:, : end - start])
-            owned = (target >= start) & (target < end)
-            rows = owned.nonzero().squeeze(1)
-            grad_logits.index_put_((rows, target[rows] - start), -grad_loss[rows, 0], accumulate=True)
+            grad_softmax = torch.mul(probs[:, start:end], scale, out=scratch[:, : end - start])
             if grad_weight is not None:
-                torch.mm(grad_logits.t(), hidden, out=grad_weight[start:end])
+                torch.mm(grad_softmax.t(), hidden, out=grad_weight[start:end])
             if grad_hidden is not None:
-                grad_hidden.addmm_(grad_logits, weight[start:end])
+                grad_hidden.addmm_(grad_softmax, weight[start:end])
+        # The -onehot * grad part of dlogits, applied to the products directly (one row per token).
+        if grad_weight is not None:
+            grad_weight.index_add_(0, target, hidden * grad_loss, alpha=-1)
+        if grad_hidden is not None:
+            grad_hidden.addcmul_(weight.index_select(0, target), grad_loss, value=-1)
         return grad_hidden, grad_weight, None
 
 

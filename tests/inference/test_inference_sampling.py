@@ -68,6 +68,20 @@ def test_sampling_respects_filters_and_seeds() -> None:
     assert greedy == [1, 1]
 
 
+def test_greedy_takes_the_first_maximum_like_argmax() -> None:
+    """Greedy rows pick ``argmax``'s token (the lowest id among tied maxima, a NaN if there is one), also in a batch
+    that mixes greedy and sampled rows."""
+    logits = torch.randint(0, 3, (64, 4099)).float()  # many ties
+    logits[4, 17] = float("nan")  # a greedy row in both batches below
+    greedy = [SamplingParams(temperature=0.0)] * 64
+    tokens, _ = sample_tokens(logits, greedy, [None] * 64)
+    assert tokens == logits.argmax(dim=-1).tolist()
+    mixed = [SamplingParams(temperature=0.0), SamplingParams(seed=3)] * 32
+    tokens, _ = sample_tokens(logits, mixed, [None if p.greedy else torch.Generator().manual_seed(1) for p in mixed])
+    assert tokens[::2] == logits[::2].argmax(dim=-1).tolist()
+    assert all(0 <= t < 4099 for t in tokens[1::2])
+
+
 def test_sampling_params_validation() -> None:
     bad = [
         dict(max_new_tokens=-1), dict(max_new_tokens=2.5), dict(temperature=-0.1), dict(temperature=math.inf),

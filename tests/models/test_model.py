@@ -601,3 +601,15 @@ def test_residual_in_fp32_with_bf16_layers() -> None:
     reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     with torch.no_grad():
         assert _err(logits.float(), reference(ids, seq_idx=_seq_idx([[7, 9], [16]]))) < 5e-2
+
+
+def test_bf16_autocast_training_step_on_cpu() -> None:
+    """bf16 autocast (how training runs with --bf16) works through every layer type and stays near float32."""
+    model = _build(_config())
+    ids, labels = _ids(2, 40), _ids(2, 40, seed=1)
+    reference = model(ids, labels=labels).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=labels).mean()
+    loss.backward()
+    assert abs(loss.item() - reference.item()) <= 2e-2 * abs(reference.item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -35,7 +35,9 @@ SEQ_IDX = torch.tensor([[0] * 5 + [1] * 11 + [2] * 1 + [5] * 20, [3] * 16 + [4] 
 @pytest.fixture(params=["matmul", "loop"])
 def state_passing(request, monkeypatch):
     """Run each test with both inter-chunk implementations (one matmul, or a loop over chunks)."""
-    monkeypatch.setattr(ssd_module, "STATE_PASSING_MATMUL_MAX_CHUNKS", 10_000 if request.param == "matmul" else 0)
+    limit = 10_000 if request.param == "matmul" else 0
+    monkeypatch.setattr(ssd_module, "STATE_PASSING_MATMUL_MAX_CHUNKS", limit)
+    monkeypatch.setattr(ssd_module, "STATE_PASSING_MATMUL_MAX_CHUNKS_CPU", limit)
     return request.param
 
 
