@@ -56,8 +56,7 @@ def causal_conv1d_ref(
     xc, wc = x.to(cdt), weight.to(cdt)
     bc = bias.to(cdt) if bias is not None else None
     # Padded input as [b, l + w - 1, d], channels fastest (the layout the shifted taps want; a free transpose of the
-    # mixer's activations).
-    # (cat, not F.pad: the pad would first fill the whole output with zeros.)
+    # mixer's activations). A cat rather than F.pad, which would first fill its whole output with zeros.
     if initial_states is not None:
         head = initial_states.to(cdt).transpose(1, 2)
     else:

@@ -125,10 +125,10 @@ class _ChunkedScan(torch.autograd.Function):
         state  = u^T (B * exp(cum_T - cum))             what the block adds to the state at its end
         y     += (C * exp(cum)) entering^T              the state carried in from earlier blocks
 
-    The scaled copies of B and C are per head, so no [T, T] or [T, p] tensor is ever broadcast into a matmul, and the
-    backward runs about a third of the passes over [T, T]- and [T, p]-sized tensors that autograd would, keeping only
-    u, the decay and product matrices and the block states. The small state recurrence between blocks is
-    differentiated by autograd (recomputed in the backward).
+    The scaled copies of B and C are per head, so no [T, T] or [T, p] tensor is ever broadcast into a matmul. The
+    backward is written out (including the recurrence between blocks, run in reverse): it makes about a third of the
+    passes over [T, T]- and [T, p]-sized tensors that autograd of the same forward would, and reuses the forward's
+    decay, product and scaled matrices instead of recomputing them.
     """
 
     @staticmethod
