@@ -279,20 +279,19 @@ def causal_conv1d_channel_last(
     """
     if x.dim() != 3:
         raise ValueError(f"x must be [batch, seqlen, dim], got shape {tuple(x.shape)}")
-    if _conv_kernels_wanted("causal_conv1d", backend, x):
-        result = _conv_ext(x.transpose(1, 2), weight, bias, activation, seq_idx, initial_states, return_final_states)
-        if result is not None:
-            if return_final_states:
-                return result[0].transpose(1, 2), result[1]
-            return result.transpose(1, 2)
-        result = _conv_triton(x, weight, bias, activation, seq_idx, initial_states, return_final_states)
-        if result is not None:
-            return result
-    result = causal_conv1d_ref(
+    # Transposes are views: the dispatch below hands every kernel the caller's own strided tensor.
+    result = causal_conv1d(
         x.transpose(1, 2), weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
-        return_final_states=return_final_states,
+        return_final_states=return_final_states, backend=backend,
     )
-    if return_final_states:
+    return _swap_length_and_channels(result, return_final_states)
+
+
+def _swap_length_and_channels(
+    result: torch.Tensor | tuple[torch.Tensor, torch.Tensor], with_final_states: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Transpose a conv output between [b, d, l] and [b, l, d]; final states keep their [b, d, w - 1] layout."""
+    if with_final_states:
         return result[0].transpose(1, 2), result[1]
     return result.transpose(1, 2)
 
@@ -322,9 +321,7 @@ def causal_conv1d(
         result = _conv_triton(x.transpose(1, 2), weight, bias, activation, seq_idx, initial_states,
                               return_final_states)
         if result is not None:
-            if return_final_states:
-                return result[0].transpose(1, 2), result[1]
-            return result.transpose(1, 2)
+            return _swap_length_and_channels(result, return_final_states)
     return causal_conv1d_ref(
         x, weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
         return_final_states=return_final_states,
