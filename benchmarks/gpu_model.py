@@ -1,18 +1,23 @@
 """GPU benchmark of whole layers and the whole model (run by hand on an H100/H200; not a test).
 
-0. Triton conv1d alone (``--parts conv``): our Triton causal conv vs the old float32 PyTorch fallback, fwd and
-   fwd+bwd at the layer shape, bf16 correctness against the reference, and a sweep of the kernels' tile sizes.
-1. Mamba layer overhead: forward+backward of one full MambaLayer (norm, in_proj, conv, SSD, gated norm, out_proj,
-   residual) at the 800M layer shape (b4, L4096, hidden 1024, 32 heads x 64, 8 groups, d_state 128, chunk 128) in bf16,
-   against the bare ``mamba_chunk_scan_combined`` call on the same shapes.
-2. Model parity: the 800M-shaped stack (few layers) with the fast path against the pure-torch reference, bf16 autocast,
+0. Triton conv1d alone (``--parts conv``): our Triton causal conv at the layer shape; sweeps the forward tiles and
+   both backward algorithms (``BWD_MODE`` two_pass / recompute, their tiles and rows per program) by GPU time, keeps
+   the fastest settings in ``ops.triton_conv1d`` for the rest of the run and prints them (``chosen``) to copy into the
+   module; bf16 correctness of both algorithms against the reference; the old float32 PyTorch fallback for scale.
+1. Breakdown (``--parts breakdown``): torch.profiler (CUDA activity) over a few MambaLayer forward+backward passes at
+   the 800M layer shape and over the bare ``mamba_chunk_scan_combined`` on the same shapes: top kernels by total time
+   (name, calls, ms per iteration), the kernel sum, per-category sums, and the GPU idle time of the layer.
+2. Mamba layer overhead (``--parts layer``): forward+backward of one full MambaLayer (norm, in_proj, conv, SSD, gated
+   norm, out_proj, residual) at the 800M layer shape (b4, L4096, hidden 1024, 32 heads x 64, 8 groups, d_state 128,
+   chunk 128) in bf16, against the bare ``mamba_chunk_scan_combined`` call on the same shapes.
+3. Model parity: the 800M-shaped stack (few layers) with the fast path against the pure-torch reference, bf16 autocast,
    forward loss and parameter gradients (relative errors).
-3. Training-step throughput of the 800M configuration (the peers' shape: vocab 256000 untied, pattern of 48 layers):
-   forward + backward + fused AdamW under bf16 autocast with fp32 parameters, tokens/s, model TFLOP/s and MFU.
-
 4. Memory (``--parts memory``): bytes saved for backward per layer type with the real kernels at b1 x 4096 (the
    counter of ``benchmarks/activation_memory.py``) and the allocated memory after forward / peaks of one step.
+5. Training-step throughput of the 800M configuration (the peers' shape: vocab 256000 untied, pattern of 48 layers):
+   forward + backward + fused AdamW under bf16 autocast with fp32 parameters, tokens/s, model TFLOP/s and MFU.
 
+Parts run in the order given to ``--parts``; each is wrapped so that a failure prints and the next part still runs.
 Prints JSON and writes it to $OUT/gpu_model.json when $OUT is set. Needs mamba_ssm's Triton kernels on PYTHONPATH.
 """
 
@@ -21,16 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
-from megatron_hybrid.config import HybridConfig
-from megatron_hybrid.layers.hybrid_layers import MambaLayer
-from megatron_hybrid.models.mamba_model import MambaModel
-from megatron_hybrid.ops.mamba_ssm_loader import load_mamba_ssm_kernels
-from megatron_hybrid.parallel.state import ParallelGroups
+# The repository root, last on the path, so that `python benchmarks/gpu_model.py --help` works without PYTHONPATH
+# (an explicit PYTHONPATH still wins).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from megatron_hybrid.config import HybridConfig  # noqa: E402
+from megatron_hybrid.layers.hybrid_layers import MambaLayer  # noqa: E402
+from megatron_hybrid.models.mamba_model import MambaModel  # noqa: E402
+from megatron_hybrid.ops.mamba_ssm_loader import load_mamba_ssm_kernels  # noqa: E402
+from megatron_hybrid.parallel.state import ParallelGroups  # noqa: E402
 
 PATTERN_800M = "M-M-M--M-*M-M-M-M--*M-M-M-M-*M--M-M-M-*M-M--M-M-"
 RESULTS: dict = {}
@@ -61,7 +72,7 @@ def timed(fn, warmup: int = 3, iters: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def part(name):
+def part(name, print_chars: int = 1500):
     def wrap(fn):
         t0 = time.time()
         try:
@@ -69,7 +80,7 @@ def part(name):
         except Exception as exc:  # keep going: one broken part must not hide the others
             RESULTS[name] = {"error": repr(exc)[:400], "traceback": traceback.format_exc()[-1500:]}
         RESULTS[name + "_wall_s"] = round(time.time() - t0, 1)
-        print(name, json.dumps(RESULTS[name])[:1500], flush=True)
+        print(name, json.dumps(RESULTS[name])[:print_chars], flush=True)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         return fn
@@ -133,30 +144,38 @@ def mamba_layer_overhead(batch: int = 4, seqlen: int = 4096) -> dict:
 
 
 def model_parity() -> dict:
+    """bf16 autocast, fast path vs pure-torch path, both also against a float32 pure-torch run ("truth").
+
+    A bf16 run differs from float32 by its own rounding whatever the kernels, so the fast path's distance to the
+    float32 truth is printed beside the bf16 reference's own distance: equal distances mean the kernels add no error.
+    """
     torch.manual_seed(0)
     pattern = "M-*M-M"
     config = config_800m(num_layers=len(pattern), hybrid_override_pattern=pattern, vocab_size=32000)
     model = MambaModel(config).cuda()
     ids = torch.randint(0, config.vocab_size, (2, 1000), device="cuda")
     results = {}
-    for backend in ("triton", "torch"):
+    for name, backend, dtype in (("triton", "triton", torch.bfloat16), ("torch", "torch", torch.bfloat16),
+                                 ("fp32", "torch", None)):
         os.environ["MEGATRON_HYBRID_KERNELS"] = backend
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None):
             loss = model(ids, labels=ids).mean()
         loss.backward()
-        results[backend] = (loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()})
+        results[name] = (loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()})
     os.environ.pop("MEGATRON_HYBRID_KERNELS")
-    (loss_fast, grads_fast), (loss_ref, grads_ref) = results["triton"], results["torch"]
-    grad_errors = {
-        name: ((grads_fast[name] - grads_ref[name]).norm() / grads_ref[name].norm().clamp_min(1e-30)).item()
-        for name in grads_ref
-    }
-    worst = max(grad_errors, key=grad_errors.get)
-    return {"loss_fast": loss_fast.item(), "loss_ref": loss_ref.item(),
-            "loss_rel_err": abs(loss_fast.item() - loss_ref.item()) / abs(loss_ref.item()),
-            "grad_rel_err_max": grad_errors[worst], "grad_rel_err_worst_param": worst,
-            "grad_rel_err_median": sorted(grad_errors.values())[len(grad_errors) // 2]}
+
+    def compare(a: str, b: str) -> dict:
+        (loss_a, grads_a), (loss_b, grads_b) = results[a], results[b]
+        errors = {n: ((grads_a[n] - grads_b[n]).norm() / grads_b[n].norm().clamp_min(1e-30)).item() for n in grads_b}
+        worst = max(errors, key=errors.get)
+        return {"loss_rel_err": abs(loss_a.item() - loss_b.item()) / abs(loss_b.item()),
+                "grad_rel_err_max": errors[worst], "grad_rel_err_worst_param": worst,
+                "grad_rel_err_median": sorted(errors.values())[len(errors) // 2]}
+
+    return {"loss_fast": results["triton"][0].item(), "loss_ref": results["torch"][0].item(),
+            "loss_fp32": results["fp32"][0].item(), "fast_vs_bf16_ref": compare("triton", "torch"),
+            "fast_vs_fp32": compare("triton", "fp32"), "bf16_ref_vs_fp32": compare("torch", "fp32")}
 
 
 def model_flops_per_token(config: HybridConfig, seqlen: int) -> float:
@@ -200,13 +219,41 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def gpu_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Mean GPU milliseconds of ``fn`` without its CPU launch overhead: the calls are queued behind a ~50 ms GPU spin,
+    so the events time back-to-back kernels (the Triton launcher's ~20-50 us of Python per call would otherwise
+    dominate a 0.1 ms kernel, and does not cost that inside a layer whose GPU queue is full)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(100_000_000)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / iters, 4)
+
+
+CONV_FWD_CONFIGS = ((32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 64, 4), (64, 128, 8), (16, 256, 4))
+# (BLOCK_L, BLOCK_D, warps) of the recompute kernel / two_pass's pass 1: 8 fp32 elements per thread compile without
+# spills on sm_90 (ptxas: 128-136 registers for pass 1, ~220 for recompute); (32, 64, 4) is 16 per thread (~244).
+CONV_BWD_CONFIGS = ((16, 64, 4), (32, 32, 4), (16, 128, 8), (16, 32, 2), (32, 64, 8), (32, 64, 4))
+CONV_DX_CONFIGS = ((32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 64, 4), (64, 128, 8))
+CONV_ROWS_PER_PROGRAM = (128, 256, 512)
+
+
 def triton_conv(batch: int = 4, seqlen: int = 4096) -> dict:
-    """The Triton causal conv1d alone against the old fallback (PyTorch's float32 depthwise conv), fwd + bwd.
+    """The Triton causal conv1d alone at the layer shape, a sweep of its kernels' configurations, and correctness.
 
     Layer shape: xBC = channels [d_inner + 2 * ngroups * d_state] = 4096 of in_proj's [b, L, 6176] bf16 output
-    (a strided view, read in place), float32 weight [4096, 4] and bias (autocast training), SiLU. Also checks the
-    Triton results in bf16 against the reference (float32 math on the same bf16 inputs), with and without documents,
-    and times a few tile configurations of the kernels (module globals) so the defaults can be tuned.
+    (a strided view, read in place), float32 weight [4096, 4] and bias (autocast training), SiLU. Sweeps the forward
+    tiles, then each backward algorithm (``BWD_MODE`` two_pass: pass-1 tiles, pass-2 tiles, rows per program;
+    recompute: tiles, rows per program) by GPU time (``gpu_ms``), and LEAVES THE FASTEST SETTINGS in the module for
+    the rest of this run (the ``layer``, ``breakdown`` and ``train`` parts then use them); ``chosen`` says which, to
+    copy into ``ops/triton_conv1d.py``. Then checks bf16 results against the reference (float32 math on the same bf16
+    inputs), with and without documents, for both algorithms, and times the previous float32 PyTorch fallback.
     """
     from megatron_hybrid.ops import causal_conv1d_ref
     from megatron_hybrid.ops import triton_conv1d as tc
@@ -225,6 +272,13 @@ def triton_conv(batch: int = 4, seqlen: int = 4096) -> dict:
     seq_idx[0, 2100:] = 2
     if batch > 1:
         seq_idx[1, 128:] = 1
+    names = ("FWD_BLOCK_L", "FWD_BLOCK_D", "FWD_WARPS", "BWD_MODE", "BWD_BLOCK_L", "BWD_BLOCK_D", "BWD_WARPS",
+             "BWD_ROWS_PER_PROGRAM", "DX_BLOCK_L", "DX_BLOCK_D", "DX_WARPS", "DPRE_DTYPE")
+    defaults = {n: getattr(tc, n) for n in names}
+
+    def setm(**values):
+        for n, v in values.items():
+            setattr(tc, n, v)
 
     def triton_fwd(seq=None):
         return tc.causal_conv1d_channel_last_triton(x, weight, bias, "silu", seq_idx=seq)
@@ -234,9 +288,11 @@ def triton_conv(batch: int = 4, seqlen: int = 4096) -> dict:
 
     def fwd_bwd(fn, seq=None):
         def run():
-            out = fn(seq)
-            torch.autograd.backward(out, grad)
+            torch.autograd.backward(fn(seq), grad)
         return run
+
+    def bwd_only():  # the backward's kernels and the partials' sum, without autograd
+        tc._conv_bwd(x, weight, bias, None, True, grad)
 
     def grads(fn, seq=None):
         for t in (x, weight, bias):
@@ -245,35 +301,169 @@ def triton_conv(batch: int = 4, seqlen: int = 4096) -> dict:
         out.backward(grad)
         return out.detach(), x.grad.clone(), weight.grad.clone(), bias.grad.clone()
 
-    res: dict = {"shape": [batch, seqlen, d], "x_strides": list(x.stride())}
-    for name, seq in (("plain", None), ("documents", seq_idx)):
-        got, want = grads(triton_fwd, seq), grads(torch_fwd, seq)
-        res[f"rel_err_{name}"] = {k: _rel_err(g, w) for k, g, w in zip(("out", "dx", "dweight", "dbias"), got, want)}
-    res["triton_fwd_ms"] = timed(lambda: triton_fwd())
-    res["triton_fwd_bwd_ms"] = timed(fwd_bwd(triton_fwd))
-    res["triton_fwd_bwd_documents_ms"] = timed(fwd_bwd(triton_fwd, seq_idx))
+    def sweep(label: str, configs, apply, fn) -> tuple:
+        """Times ``fn`` under each config (a failing config is recorded, not fatal); returns the fastest config."""
+        best = None
+        for cfg in configs:
+            try:
+                apply(cfg)
+                ms = gpu_ms(fn)
+            except Exception as exc:  # e.g. out of resources for one tile shape
+                res["sweep_ms"][f"{label}{cfg}"] = repr(exc)[:200]
+                continue
+            res["sweep_ms"][f"{label}{cfg}"] = ms
+            if best is None or ms < best[1]:
+                best = (cfg, ms)
+        if best is None:
+            raise RuntimeError(f"every {label} configuration failed")
+        apply(best[0])
+        return best
+
+    res: dict = {"shape": [batch, seqlen, d], "x_strides": list(x.stride()), "defaults": {
+        n: str(v) for n, v in defaults.items()}, "sweep_ms": {}}
+    # Ideal: read x and write out (fwd); read x and dout, write dx (bwd); two_pass adds a float32 dpre write + read.
+    res["bytes_fwd_GB"] = round(2 * x.numel() * 2 / 1e9, 3)
+    res["bytes_bwd_single_pass_GB"] = round(3 * x.numel() * 2 / 1e9, 3)
+    res["bytes_bwd_two_pass_fp32_GB"] = round((3 * 2 + 2 * 4) * x.numel() / 1e9, 3)
+    try:
+        fwd_best = sweep("fwd", CONV_FWD_CONFIGS,
+                         lambda c: setm(FWD_BLOCK_L=c[0], FWD_BLOCK_D=c[1], FWD_WARPS=c[2]), lambda: triton_fwd())
+        modes = {}
+        setm(BWD_MODE="two_pass", BWD_ROWS_PER_PROGRAM=defaults["BWD_ROWS_PER_PROGRAM"])
+        p1 = sweep("two_pass_p1", CONV_BWD_CONFIGS,
+                   lambda c: setm(BWD_BLOCK_L=c[0], BWD_BLOCK_D=c[1], BWD_WARPS=c[2]), bwd_only)
+        p2 = sweep("two_pass_p2", CONV_DX_CONFIGS,
+                   lambda c: setm(DX_BLOCK_L=c[0], DX_BLOCK_D=c[1], DX_WARPS=c[2]), bwd_only)
+        rows = sweep("two_pass_rows", CONV_ROWS_PER_PROGRAM, lambda r: setm(BWD_ROWS_PER_PROGRAM=r), bwd_only)
+        modes["two_pass"] = (rows[1], dict(BWD_MODE="two_pass", BWD_BLOCK_L=p1[0][0], BWD_BLOCK_D=p1[0][1],
+                                           BWD_WARPS=p1[0][2], DX_BLOCK_L=p2[0][0], DX_BLOCK_D=p2[0][1],
+                                           DX_WARPS=p2[0][2], BWD_ROWS_PER_PROGRAM=rows[0]))
+        setm(DPRE_DTYPE=torch.bfloat16)  # informational: half the extra traffic, one more bf16 rounding of dpre
+        res["two_pass_bf16_dpre_bwd_ms"] = gpu_ms(bwd_only)
+        setm(DPRE_DTYPE=torch.float32)
+        setm(BWD_MODE="recompute", BWD_ROWS_PER_PROGRAM=defaults["BWD_ROWS_PER_PROGRAM"])
+        rc = sweep("recompute", CONV_BWD_CONFIGS,
+                   lambda c: setm(BWD_BLOCK_L=c[0], BWD_BLOCK_D=c[1], BWD_WARPS=c[2]), bwd_only)
+        rows = sweep("recompute_rows", CONV_ROWS_PER_PROGRAM, lambda r: setm(BWD_ROWS_PER_PROGRAM=r), bwd_only)
+        modes["recompute"] = (rows[1], dict(BWD_MODE="recompute", BWD_BLOCK_L=rc[0][0], BWD_BLOCK_D=rc[0][1],
+                                            BWD_WARPS=rc[0][2], BWD_ROWS_PER_PROGRAM=rows[0]))
+        res["best_bwd_ms"] = {mode: ms for mode, (ms, _) in modes.items()}
+        best_mode = min(modes, key=lambda m: modes[m][0])
+        setm(**modes[best_mode][1])
+        res["best_fwd_ms"] = fwd_best[1]
+        # Correctness of both algorithms at their best settings (then the winner stays set).
+        for mode in modes:
+            setm(**modes[mode][1])
+            for name, seq in (("plain", None), ("documents", seq_idx)):
+                got, want = grads(triton_fwd, seq), grads(torch_fwd, seq)
+                res[f"rel_err_{mode}_{name}"] = {k: _rel_err(g, w)
+                                                 for k, g, w in zip(("out", "dx", "dweight", "dbias"), got, want)}
+        setm(**modes[best_mode][1])
+    except Exception:
+        setm(**defaults)  # a broken sweep must not leave a half-set configuration for the later parts
+        raise
+    res["chosen"] = {n: str(getattr(tc, n)) for n in names}
+    res["triton_fwd_gpu_ms"] = gpu_ms(lambda: triton_fwd())
+    res["triton_bwd_gpu_ms"] = gpu_ms(bwd_only)
+    res["triton_fwd_bwd_gpu_ms"] = gpu_ms(fwd_bwd(triton_fwd))
+    res["triton_fwd_bwd_documents_gpu_ms"] = gpu_ms(fwd_bwd(triton_fwd, seq_idx))
+    res["triton_fwd_ms_events"] = timed(lambda: triton_fwd())  # with launch overhead, as measured before
+    res["triton_fwd_bwd_ms_events"] = timed(fwd_bwd(triton_fwd))
     res["torch_fwd_ms"] = timed(lambda: torch_fwd())
     res["torch_fwd_bwd_ms"] = timed(fwd_bwd(torch_fwd))
-    # Ideal: read x and write out (fwd); read x and dout, write dx (bwd).
-    res["bytes_fwd_bwd_GB"] = round(5 * x.numel() * 2 / 1e9, 3)
-    defaults = (tc.FWD_BLOCK_L, tc.FWD_BLOCK_D, tc.FWD_WARPS, tc.BWD_BLOCK_L, tc.BWD_BLOCK_D, tc.BWD_WARPS)
-    sweep = {}
-    try:
-        for cfg in ((32, 128, 4), (64, 128, 8), (64, 64, 4), (16, 256, 4)):
-            tc.FWD_BLOCK_L, tc.FWD_BLOCK_D, tc.FWD_WARPS = cfg
-            sweep[f"fwd_{cfg}"] = timed(lambda: triton_fwd())
-        tc.FWD_BLOCK_L, tc.FWD_BLOCK_D, tc.FWD_WARPS = defaults[:3]
-        for cfg in ((64, 64, 8), (64, 32, 4), (32, 64, 4), (128, 32, 8), (64, 128, 8)):
-            tc.BWD_BLOCK_L, tc.BWD_BLOCK_D, tc.BWD_WARPS = cfg
-            out = triton_fwd()
-            sweep[f"bwd_{cfg}"] = timed(lambda out=out: torch.autograd.grad(out, (x, weight, bias), grad,
-                                                                            retain_graph=True))
-    except Exception as exc:
-        sweep["error"] = repr(exc)[:300]
-    finally:
-        tc.FWD_BLOCK_L, tc.FWD_BLOCK_D, tc.FWD_WARPS, tc.BWD_BLOCK_L, tc.BWD_BLOCK_D, tc.BWD_WARPS = defaults
-    res["tile_sweep_ms"] = sweep
     return res
+
+
+def _kernel_table(prof, iters: int, top: int) -> dict:
+    """Device kernels of a profile: the ``top`` by total time (name, calls per iteration, ms per iteration), the sum
+    over all kernels, and sums per coarse category (from kernel names) to see what the time beyond the scan is."""
+    rows = []
+    for avg in prof.key_averages():
+        total_us = 0.0
+        for attr in ("self_device_time_total", "self_cuda_time_total", "device_time_total", "cuda_time_total"):
+            value = getattr(avg, attr, None)
+            if value:
+                total_us = float(value)
+                break
+        if total_us > 0:
+            rows.append((avg.key, avg.count, total_us))
+    rows.sort(key=lambda r: -r[2])
+    categories = (
+        ("ssd_scan (mamba_ssm)", ("_chunk_", "_state_passing", "_bmm_chunk", "chunk_scan", "chunk_state")),
+        ("conv1d (ours)", ("_conv1d_",)),
+        ("gated/rms norm", ("_layer_norm", "rms", "_rms_")),
+        ("matmul", ("gemm", "sm90", "nvjet", "cutlass", "xmma", "matmul", "_mm_")),
+        ("cat / copy", ("CatArray", "copy", "Copy")),
+        ("reduce (partial sums etc.)", ("reduce", "Reduce")),
+    )
+    per_category: dict = {}
+    for name, _, us in rows:
+        label = next((c for c, keys in categories if any(k in name for k in keys)), "other elementwise")
+        per_category[label] = per_category.get(label, 0.0) + us / 1e3 / iters
+    return {
+        "kernels_total_ms_per_iter": round(sum(r[2] for r in rows) / 1e3 / iters, 4),
+        "per_category_ms_per_iter": {k: round(v, 4) for k, v in sorted(per_category.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": name[:90], "calls_per_iter": round(calls / iters, 2),
+                         "ms_per_iter": round(us / 1e3 / iters, 4)} for name, calls, us in rows[:top]],
+    }
+
+
+def layer_breakdown(batch: int = 4, seqlen: int = 4096, iters: int = 5) -> dict:
+    """Where one MambaLayer's forward + backward time goes at the 800M layer shape (bf16): torch.profiler with CUDA
+    activity over ``iters`` iterations, kernels by total time, per category, and the same for the bare
+    ``mamba_chunk_scan_combined`` on the layer's shapes, so the layer's excess over the bare scan is itemised."""
+    torch.manual_seed(0)
+    config = config_800m(num_layers=1, hybrid_override_pattern="M", params_dtype=torch.bfloat16)
+    layer = MambaLayer(config, ParallelGroups.single()).cuda()
+    hidden = torch.randn(seqlen, batch, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn_like(hidden)
+
+    def layer_fwd_bwd():
+        layer(hidden).backward(grad_out)
+
+    kernels = load_mamba_ssm_kernels()
+    h, p, g, n = config.mamba_num_heads, config.mamba_head_dim, config.mamba_num_groups, config.mamba_state_dim
+    x = torch.randn(batch, seqlen, h, p, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dt = torch.randn(batch, seqlen, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    A = (-torch.rand(h, device="cuda") * 15 - 1).requires_grad_()
+    B = torch.randn(batch, seqlen, g, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    C = torch.randn(batch, seqlen, g, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    D = torch.ones(h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dt_bias = torch.zeros(h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def scan_fwd_bwd():
+        kernels.mamba_chunk_scan_combined(x, dt, A, B, C, config.mamba_chunk_size, D=D, dt_bias=dt_bias,
+                                          dt_softplus=True).backward(dy)
+
+    out: dict = {"layer_fwd_bwd_ms_events": timed(layer_fwd_bwd), "bare_scan_fwd_bwd_ms_events": timed(scan_fwd_bwd)}
+    variants = (("layer", layer_fwd_bwd, 25), ("bare_scan", scan_fwd_bwd, 15))
+    for label, fn, top in variants:
+        try:
+            for _ in range(2):
+                fn()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(iters):
+                    fn()
+                torch.cuda.synchronize()
+            out[label] = _kernel_table(prof, iters, top=top)
+        except Exception as exc:  # one variant failing must not hide the other
+            out[label] = {"error": repr(exc)[:400], "kernels_total_ms_per_iter": 0.0, "per_category_ms_per_iter": {},
+                          "top_kernels": []}
+    layer_total = out["layer"]["kernels_total_ms_per_iter"]
+    scan_total = out["bare_scan"]["kernels_total_ms_per_iter"]
+    if scan_total > 0:
+        out["layer_kernels_over_bare_scan_kernels_pct"] = round(100 * (layer_total / scan_total - 1), 1)
+    # Idle GPU time inside the layer (launch-bound gaps) = wall time - kernel time.
+    out["layer_gpu_idle_ms_per_iter"] = round(out["layer_fwd_bwd_ms_events"] - layer_total, 4)
+    for label, _, _ in variants:
+        print(f"--- {label}: kernels {out[label]['kernels_total_ms_per_iter']} ms per fwd+bwd", flush=True)
+        for cat, ms in out[label]["per_category_ms_per_iter"].items():
+            print(f"    {ms:9.4f} ms  {cat}", flush=True)
+        for row in out[label]["top_kernels"]:
+            print(f"    {row['ms_per_iter']:9.4f} ms  x{row['calls_per_iter']:<5} {row['name']}", flush=True)
+    return out
 
 
 def memory_breakdown(batch: int = 1, seqlen: int = 4096) -> dict:
@@ -326,25 +516,42 @@ def memory_breakdown(batch: int = 1, seqlen: int = 4096) -> dict:
     }
 
 
+PARTS = ("conv", "breakdown", "layer", "parity", "memory", "train")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="conv,layer,parity,memory,train")
-    parser.add_argument("--batches", default="2,4")
+    parser = argparse.ArgumentParser(
+        description="GPU benchmarks of megatron_hybrid (needs CUDA and mamba_ssm's Triton kernels on PYTHONPATH). "
+                    "Each part is wrapped: a failure is printed with its traceback and the next part runs.")
+    parser.add_argument("--parts", default="conv,layer,parity,memory,train",
+                        help=f"comma-separated, run in this order: {','.join(PARTS)}. conv: Triton conv1d alone, sweep "
+                             "of its kernel configurations (the fastest stays set for the later parts of the run); "
+                             "breakdown: profiler kernel table of one MambaLayer fwd+bwd vs the bare scan; layer: "
+                             "layer vs bare scan timings; parity: fast path vs reference; memory; train: 800M steps")
+    parser.add_argument("--batches", default="2,4", help="batch sizes of the train part")
     args = parser.parse_args()
-    parts = args.parts.split(",")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {PARTS}")
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_model.py needs a CUDA device")
     RESULTS["device"] = torch.cuda.get_device_name(0)
     RESULTS["torch"] = torch.__version__
-    if "conv" in parts:
-        part("triton_conv1d")(triton_conv)
-    if "layer" in parts:
-        part("mamba_layer_overhead")(mamba_layer_overhead)
-    if "parity" in parts:
-        part("model_parity_bf16")(model_parity)
-    if "memory" in parts:
-        part("memory_breakdown_b1")(memory_breakdown)
-    if "train" in parts:
-        for batch in (int(b) for b in args.batches.split(",")):
-            part(f"train_800m_b{batch}")(lambda batch=batch: train_step_throughput(batch))
+    for name in parts:
+        if name == "conv":
+            part("triton_conv1d", print_chars=5000)(triton_conv)
+        elif name == "breakdown":
+            part("mamba_layer_breakdown", print_chars=400)(layer_breakdown)  # its tables are printed above
+        elif name == "layer":
+            part("mamba_layer_overhead")(mamba_layer_overhead)
+        elif name == "parity":
+            part("model_parity_bf16")(model_parity)
+        elif name == "memory":
+            part("memory_breakdown_b1")(memory_breakdown)
+        elif name == "train":
+            for batch in (int(b) for b in args.batches.split(",")):
+                part(f"train_800m_b{batch}")(lambda batch=batch: train_step_throughput(batch))
     text = json.dumps(RESULTS, indent=1)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_model.json"), "w") as f:

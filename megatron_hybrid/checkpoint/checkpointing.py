@@ -18,10 +18,14 @@ never unpickle anything. Tensors are in safetensors files (a JSON header and raw
 Tensors are named by their FULL (TP=1) state-dict name. ``metadata.json`` records, for each, the full shape, dtype,
 ``tp_dim`` and ``tp_components`` (see :mod:`megatron_hybrid.parallel.sharding`) and which file holds each tensor-
 parallel rank's shard. Loading into a different TP size therefore unshards and reshards on the fly, and since
-layers keep their global index and Adam states are named by parameter, other data-parallel and (later) pipeline
-sizes load the same way. ``metadata.json`` also holds: ``iteration``, ``consumed_train_samples``, the scheduler
-state, ``args`` (the run configuration), ``model_config`` (HybridConfig), ``tokenizer`` (how to rebuild it) and the
-size and SHA-256 of every file, checked on load, so a truncated or corrupted shard is reported by name.
+layers keep their global index and Adam states are named by parameter, other data-parallel and pipeline sizes load
+the same way: a pipeline stage reads the tensors of the layers it owns, whichever stage's file holds them. The last
+stage's copy of a tied embedding (``output_layer.weight`` marked ``shared_embedding``) is not a tensor of the
+unsplit model: it is not saved, and loads from ``embedding.word_embeddings.weight`` (weights and Adam states).
+``metadata.json`` also holds: ``iteration``, ``consumed_train_samples``, the scheduler state, ``args`` (the run
+configuration), ``model_config`` (HybridConfig), ``tokenizer`` (how to rebuild it), the parallel layout (tensor,
+pipeline, context, data sizes) and the size and SHA-256 of every file, checked on load, so a truncated or corrupted
+shard is reported by name.
 
 Atomicity: all ranks write into ``iter_XXXXXXX.tmp``; after a barrier rank 0 writes ``metadata.json``, fsyncs,
 renames the directory to ``iter_XXXXXXX`` and only then replaces the tracker file (temp file + ``os.replace``). A
@@ -48,6 +52,7 @@ from torch import nn
 from megatron_hybrid.checkpoint.rng import get_rng_state
 from megatron_hybrid.parallel.sharding import is_tensor_parallel, shard_tensor, unshard_tensors
 from megatron_hybrid.parallel.state import ParallelGroups
+from megatron_hybrid.parallel.tied_embeddings import is_shared_embedding_copy
 
 __all__ = [
     "FORMAT",
@@ -71,6 +76,8 @@ METADATA_FILE = "metadata.json"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 _OPT_SEP = "#"
 _TOKENIZER_COPY_LIMIT = 64 * 1024 * 1024
+_EMBEDDING_KEY = "embedding.word_embeddings.weight"
+_LAYER_KEY_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 class CheckpointError(RuntimeError):
@@ -209,6 +216,32 @@ def read_metadata(directory: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as saved: without a last pipeline stage's copy of the tied embedding."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_shared_embedding_copy(v)}
+
+
+def _checkpoint_names(model: nn.Module) -> dict[str, str]:
+    """Checkpoint name of every state-dict entry of ``model``: its own name, except the tied-embedding copy, which
+    is stored as the embedding."""
+    return {k: _EMBEDDING_KEY if is_shared_embedding_copy(v) else k
+            for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _stage_owns(model: nn.Module, key: str) -> bool:
+    """Whether checkpoint tensor ``key`` (a name of the unsplit model) belongs to ``model``, which may be one
+    pipeline stage (embedding on the first, final norm and output layer on the last, a range of layers each)."""
+    if key.startswith("embedding."):
+        return getattr(model, "pre_process", True)
+    if key.startswith(("output_layer.", "decoder.final_norm.")):
+        return getattr(model, "post_process", True)
+    match = _LAYER_KEY_RE.match(key)
+    layer_range = getattr(getattr(model, "decoder", None), "layer_range", None)
+    if match and layer_range is not None:
+        return layer_range[0] <= int(match.group(1)) < layer_range[1]
+    return True
+
+
 def _tensor_entry(tensor: torch.Tensor) -> dict[str, Any]:
     entry: dict[str, Any] = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype)}
     if is_tensor_parallel(tensor):
@@ -295,15 +328,16 @@ def save_checkpoint(
     manifest: dict[str, Any] = {"rank": rank, "tp_rank": tp, "pp_rank": pp, "dp_rank": dp, "files": {},
                                 "model": {}, "optimizer": {}}
     if dp == 0:
-        state = model.state_dict(keep_vars=True)
+        state = _saved_state(model)
         name = f"model_tp{tp:02d}_pp{pp:03d}.safetensors"
         manifest["files"][name] = _save_tensors(os.path.join(tmp, name), dict(state))
         manifest["model"] = {key: {**_tensor_entry(t), "file": name} for key, t in state.items()}
     if optimizer is not None:
-        states = optimizer.named_states()
+        params = dict(model.named_parameters())
+        # The tied-embedding copy's states equal the embedding's (same values, same gradients): saved once, as those.
+        states = {n: st for n, st in optimizer.named_states().items() if not is_shared_embedding_copy(params[n])}
         if states and (optimizer.distributed or dp == 0):
             name = f"optim_tp{tp:02d}_pp{pp:03d}_dp{dp:03d}.safetensors"
-            params = dict(model.named_parameters())
             tensors = {f"{pname}{_OPT_SEP}{key}": value for pname, st in states.items() for key, value in st.items()}
             manifest["files"][name] = _save_tensors(os.path.join(tmp, name), tensors)
             for pname, st in states.items():
@@ -506,20 +540,26 @@ def _read_local(reader: _ShardReader, entry: Mapping[str, Any], key: str, groups
 @torch.no_grad()
 def load_model_state(directory: str, metadata: dict[str, Any], model: nn.Module, groups: ParallelGroups,
                      *, verify: bool = True, strict: bool = True) -> None:
-    """Copy the checkpoint's weights into ``model`` (any TP size; layers by global name)."""
+    """Copy the checkpoint's weights into ``model`` (any TP size, any pipeline layout; layers by global name).
+
+    ``model`` may be one pipeline stage: ``strict`` then compares against the tensors that stage owns.
+    """
     reader = _ShardReader(directory, metadata, verify)
     index = metadata["model"]
     own = model.state_dict(keep_vars=True)
-    missing = [k for k in own if k not in index]
-    unexpected = [k for k in index if k not in own]
+    names = _checkpoint_names(model)
+    expected = set(names.values())
+    missing = sorted(k for k in expected if k not in index)
+    unexpected = sorted(k for k in index if k not in expected and _stage_owns(model, k))
     if strict and (missing or unexpected):
         raise CheckpointError(f"{directory} does not match the model: missing {missing or 'none'}, "
                               f"unexpected {unexpected or 'none'}")
     for key, target in own.items():
-        if key not in index:
+        source = names[key]
+        if source not in index:
             continue
-        entry = index[key]
-        value = _read_local(reader, entry, key, groups, "tp_dim" in entry)
+        entry = index[source]
+        value = _read_local(reader, entry, source, groups, "tp_dim" in entry)
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"{directory}: tensor {key!r} has shape {tuple(value.shape)} in the checkpoint "
                                   f"(full {tuple(entry['shape'])}) but {tuple(target.shape)} in the model")
@@ -564,12 +604,14 @@ def load_checkpoint(
             result.notes.append(f"{directory} holds no optimizer states; Adam starts from zero")
         else:
             states: dict[str, dict[str, torch.Tensor]] = {}
+            names = _checkpoint_names(model)
             for pname in optimizer.owned_names:
-                entry = index.get(pname)
+                source = names.get(pname, pname)
+                entry = index.get(source)
                 if entry is None:
                     continue  # never stepped (e.g. every step so far was skipped)
                 states[pname] = {
-                    key: _read_local(reader, entry, f"{pname}{_OPT_SEP}{key}", groups, info["sharded"])
+                    key: _read_local(reader, entry, f"{source}{_OPT_SEP}{key}", groups, info["sharded"])
                     for key, info in entry["states"].items()
                 }
             optimizer.load_named_states(states)

@@ -69,8 +69,11 @@ class InferenceContext:
         if device is None:
             device = first[0].device if first is not None else next(model.parameters()).device
         self.device = torch.device(device)
-        # Position of each slot's next token (= tokens already cached); a static buffer for CUDA graphs.
-        self.positions = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        # A decode step's inputs, static for CUDA graphs: row 0 the token id of each slot (``ModelRunner`` feeds the
+        # model from it), row 1 each slot's position (= tokens already cached). One tensor, so a step uploads both
+        # with one host-to-device copy.
+        self.decode_inputs = torch.zeros(2, max_batch_size, dtype=torch.long, device=self.device)
+        self.positions = self.decode_inputs[1]
         self.is_decode = False
         self.batch_size = 1
         self.attention_length = max_sequence_length
@@ -138,7 +141,7 @@ class InferenceContext:
         for tensors in (*self.mamba.values(), *self.kv.values()):
             for tensor in tensors:
                 tensor.zero_()
-        self.positions.zero_()
+        self.decode_inputs.zero_()
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held on this rank by each kind of cache, their total, and the total per slot (one sequence)."""

@@ -43,6 +43,11 @@ class TokenEvent:
     ``text`` (only with a tokenizer): the piece of generated text this event releases, for streaming. It may be empty
     (a multi-byte character still incomplete, or a tail held back because it could begin a stop string) and never
     includes a stop string or a stop token's text. Concatenating a request's ``text`` pieces gives its final text.
+
+    ``prompt_logprobs`` (only on a request's first event, and only when its ``SamplingParams.prompt_logprobs`` asked):
+    the log-probabilities of prompt tokens 1..n-1, known from the prefill. They come with the first event, not only
+    with the finished :class:`GenerationOutput`, so that a streaming client can show the echoed prompt's
+    log-probabilities before the generation that follows it.
     """
 
     request_id: str
@@ -51,6 +56,7 @@ class TokenEvent:
     finished: bool
     finish_reason: str | None  # "length" | "stop" | "abort"
     text: str | None = None
+    prompt_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -319,11 +325,13 @@ class InferenceEngine:
                 request.prompt_logprobs = prompt_logprobs[row] if want_prompt_logprobs else []
             if row in sampled:
                 n = sampled[row]
-                self._accept(request, tokens[n], logprobs[n] if logprobs else None, events)
+                self._accept(request, tokens[n], logprobs[n] if logprobs else None, events,
+                             prompt_logprobs=request.prompt_logprobs)
             else:  # max_new_tokens == 0: scoring only (prompt log-probs)
                 self._finish(request, "length")
                 text = "" if request.detokenizer is not None else None
-                events.append(TokenEvent(request.request_id, NO_TOKEN, None, True, "length", text))
+                events.append(TokenEvent(request.request_id, NO_TOKEN, None, True, "length", text,
+                                         request.prompt_logprobs))
             if request.finish_reason is not None:
                 finished.append(first_slot + row)
         if finished:
@@ -331,16 +339,23 @@ class InferenceEngine:
 
     def _decode(self, events: list[TokenEvent]) -> None:
         active = self._active
-        token_ids = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long, device=self.device)
+        # Plain lists: the runner uploads them in one asynchronous copy (no host synchronisation before the step).
+        token_ids = [r.token_ids[-1] for r in active]
         lengths = [r.cache_length for r in active]
-        positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
-        logits = self.runner.decode(token_ids, positions, attention_length=max(lengths) + 1)
-        tokens, logprobs = sample_tokens(
-            logits,
-            [r.params for r in active],
-            [r.generator for r in active],
-            want_logprobs=any(r.params.logprobs for r in active),
-        )
+        attention_length = max(lengths) + 1
+        if all(r.params.greedy and not r.params.logprobs for r in active):
+            # The common case: argmax on the device (inside the CUDA graph when there is one), then one copy of the
+            # n token ids back; the step's only host synchronisation.
+            tokens = self.runner.decode_greedy(token_ids, lengths, attention_length).tolist()
+            logprobs = None
+        else:
+            logits = self.runner.decode(token_ids, lengths, attention_length)
+            tokens, logprobs = sample_tokens(
+                logits,
+                [r.params for r in active],
+                [r.generator for r in active],
+                want_logprobs=any(r.params.logprobs for r in active),
+            )
         finished = []
         for slot, request in enumerate(active):
             request.cache_length += 1
@@ -350,8 +365,10 @@ class InferenceEngine:
         if finished:
             self._release_slots(finished)
 
-    def _accept(self, request: _Request, token: int, logprob: float | None, events: list[TokenEvent]) -> None:
-        """Record a sampled token, decide whether the request is done, emit its event."""
+    def _accept(self, request: _Request, token: int, logprob: float | None, events: list[TokenEvent],
+                prompt_logprobs: list[float] | None = None) -> None:
+        """Record a sampled token, decide whether the request is done, emit its event (``prompt_logprobs``: given by
+        the prefill only, so they ride on the request's first event)."""
         params = request.params
         request.token_ids.append(token)
         if request.logprobs is not None:
@@ -374,7 +391,8 @@ class InferenceEngine:
                 detokenizer.finish()
             text = detokenizer.pop_delta(final=reason is not None)
         logprob = logprob if params.logprobs else None
-        events.append(TokenEvent(request.request_id, token, logprob, reason is not None, reason, text))
+        events.append(TokenEvent(request.request_id, token, logprob, reason is not None, reason, text,
+                                 prompt_logprobs))
         if reason is not None:
             self._finish(request, reason)
 

@@ -7,9 +7,14 @@ model line up.
 
 CUDA graphs (``use_cuda_graphs`` on a CUDA model): the decode step is captured once per batch-size bucket (1, 2, 4,
 8, ..., max_batch_size) at construction, while the cache is still empty (warm-up passes write into it). The token ids,
-the positions and every cache are static tensors; a step copies its ids and positions into the leading rows, pads the
-bucket's remaining rows (free slots, whose states are never read) with position 0, and replays. Captured graphs attend
-over the whole cache length (masked per row), since a graph cannot depend on the batch's lengths.
+the positions (``InferenceContext.decode_inputs``) and every cache are static tensors; a step copies its ids and
+positions into the leading rows, pads the bucket's remaining rows (free slots, whose states are never read) with
+position 0, and replays. Captured graphs attend over the whole cache length (masked per row), since a graph cannot
+depend on the batch's lengths. Each graph also computes the greedy tokens (argmax) of its logits, so a greedy step
+(``decode_greedy``) is one replay and one device-to-host copy of the token ids.
+
+Step inputs given as Python lists (what the engine has) reach a CUDA device through a pinned staging buffer in one
+asynchronous copy: no host synchronisation before the replay, the step's only one is reading its tokens back.
 
 On a CPU model at tensor-parallel size 1 the decode step, and the prefill of prompts of up to
 ``lean_decode.PREFILL_MAX_TOKENS`` tokens, run through :class:`LeanDecoder` (the same computation as the layers'
@@ -18,6 +23,7 @@ paths, flattened: the per-module overhead is most of a small model's CPU decode 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,9 +31,27 @@ from torch import nn
 
 from megatron_hybrid.inference.context import InferenceContext
 from megatron_hybrid.inference.lean_decode import LeanDecoder
+from megatron_hybrid.inference.sampling import greedy_tokens
+from megatron_hybrid.layers.attention import SelfAttention
+from megatron_hybrid.layers.mamba_mixer import MambaMixer
+from megatron_hybrid.models.mamba_stack import MambaStack
 
 if TYPE_CHECKING:
     from megatron_hybrid.inference.tp_worker import TensorParallelChannel
+
+
+def set_decode_fusions(model: nn.Module, *, mamba: bool = True, attention: bool = True, residual: bool = True) -> None:
+    """Switch the CUDA decode-step fusions of ``model`` (all on by default; benchmarks and tests compare them): the
+    fused Triton Mamba step (``MambaMixer.fused_decode``), the Triton decode attention (``SelfAttention.fused_decode``)
+    and the residual carried into the next norm (``MambaStack.fused_residual_decode``). Takes effect at the next
+    forward; graphs already captured keep what they captured."""
+    for module in model.modules():
+        if isinstance(module, MambaMixer):
+            module.fused_decode = mamba
+        elif isinstance(module, SelfAttention):
+            module.fused_decode = attention
+        elif isinstance(module, MambaStack):
+            module.fused_residual_decode = residual
 
 
 def graph_buckets(max_batch_size: int) -> list[int]:
@@ -64,12 +88,21 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # bucket -> (graph, its logits [bucket, 1, vocab], its greedy tokens [bucket]), all static outputs
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._buckets: list[int] = []  # sorted keys of _graphs
         self.lean_decoder = None
         if lean_decode and self.device.type == "cpu" and LeanDecoder.unsupported_reason(model, self.context) is None:
             self.lean_decoder = LeanDecoder(model, self.context)
+        self._ids = self.context.decode_inputs[0].view(max_batch_size, 1)  # the model's [b, 1] input ids
+        self._staging = self._staged = None
+        if self.device.type == "cuda":
+            # Host side of the step-input upload: pinned, so the copy is asynchronous; the event says when the last
+            # upload has read it (a step writes it only after that, normally long done by then).
+            self._staging = torch.zeros(2, max_batch_size, dtype=torch.long, pin_memory=True)
+            self._staged = torch.cuda.Event()
+            self._staged.record()
         if self.use_cuda_graphs:
-            self._ids = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
             self._capture_graphs()
 
     # ------------------------------------------------------------------------------------------------ forwards
@@ -94,30 +127,83 @@ class ModelRunner:
         return logits[0] if single else logits
 
     @torch.inference_mode()
-    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_length: int) -> torch.Tensor:
+    def decode(
+        self,
+        token_ids: torch.Tensor | Sequence[int],
+        positions: torch.Tensor | Sequence[int],
+        attention_length: int,
+    ) -> torch.Tensor:
         """One step for slots ``0 .. n - 1``: token ``token_ids[i]`` [n] at ``positions[i]`` [n]; logits [n, vocab].
 
-        ``attention_length`` = ``max(positions) + 1`` (eager mode reads only that much of the KV cache).
+        ``attention_length`` = ``max(positions) + 1`` (eager mode reads only that much of the KV cache). Ids and
+        positions may be tensors or lists of ints (lists are uploaded without a host synchronisation on CUDA).
         """
+        return self._decode(token_ids, positions, attention_length, greedy=False)
+
+    @torch.inference_mode()
+    def decode_greedy(
+        self,
+        token_ids: torch.Tensor | Sequence[int],
+        positions: torch.Tensor | Sequence[int],
+        attention_length: int,
+    ) -> torch.Tensor:
+        """Like :meth:`decode`, but returns the greedy next tokens [n] (``sampling.greedy_tokens`` of the logits, on
+        the model's device) instead of the logits: computed inside the captured graph when graphs are used."""
+        return self._decode(token_ids, positions, attention_length, greedy=True)
+
+    def _decode(
+        self,
+        token_ids: torch.Tensor | Sequence[int],
+        positions: torch.Tensor | Sequence[int],
+        attention_length: int,
+        greedy: bool,
+    ) -> torch.Tensor:
+        batch = len(token_ids)
         if self.channel is not None:
-            self.channel.send_decode(token_ids, positions, attention_length)
-        batch = token_ids.shape[0]
+            self.channel.send_decode(
+                torch.as_tensor(token_ids, dtype=torch.long, device=self.device),
+                torch.as_tensor(positions, dtype=torch.long, device=self.device),
+                attention_length,
+            )
         context = self.context
         if self._graphs:
-            bucket = next(size for size in sorted(self._graphs) if size >= batch)
-            graph, logits = self._graphs[bucket]
-            self._ids[:batch, 0].copy_(token_ids)
-            context.positions[:batch].copy_(positions)
-            if bucket > batch:
-                self._ids[batch:bucket].zero_()
-                context.positions[batch:bucket].zero_()
+            bucket = next(size for size in self._buckets if size >= batch)
+            graph, logits, tokens = self._graphs[bucket]
+            self._stage_inputs(token_ids, positions, bucket)
             graph.replay()
-            return logits[:batch, 0]
+            return tokens[:batch] if greedy else logits[:batch, 0]
         context.set_decode(batch, attention_length)
-        context.positions[:batch].copy_(positions)
+        self._stage_inputs(token_ids, positions, batch)
         if self.lean_decoder is not None:
-            return self.lean_decoder(token_ids)
-        return self.model(token_ids[:, None], inference_context=context)[:, 0]
+            logits = self.lean_decoder(self._ids[:batch, 0])
+        else:
+            logits = self.model(self._ids[:batch], inference_context=context)[:, 0]
+        return greedy_tokens(logits) if greedy else logits
+
+    def _stage_inputs(
+        self, token_ids: torch.Tensor | Sequence[int], positions: torch.Tensor | Sequence[int], rows: int
+    ) -> None:
+        """Write the step's ids and positions into the leading rows of ``context.decode_inputs``; rows ``n .. rows -
+        1`` (a graph bucket's padding: free slots, never read) get id 0 at position 0."""
+        inputs = self.context.decode_inputs
+        batch = len(token_ids)
+        if self._staging is not None and not isinstance(token_ids, torch.Tensor) and not isinstance(
+            positions, torch.Tensor
+        ):
+            # One asynchronous copy of the whole (tiny) pinned buffer: contiguous, so it stays asynchronous. Rows past
+            # ``rows`` are zeroed too, which is harmless: positions are rewritten for every live slot at every step.
+            self._staged.synchronize()  # the previous upload has finished reading the staging buffer
+            staging = self._staging.numpy()  # a view: numpy writes a list into it without a temporary tensor
+            staging[0, :batch] = token_ids
+            staging[1, :batch] = positions
+            staging[:, batch:] = 0
+            inputs.copy_(self._staging, non_blocking=True)
+            self._staged.record()
+            return
+        inputs[0, :batch].copy_(torch.as_tensor(token_ids))
+        inputs[1, :batch].copy_(torch.as_tensor(positions))
+        if rows > batch:
+            inputs[:, batch:rows].zero_()
 
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:
@@ -145,11 +231,13 @@ class ModelRunner:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: lazy initialisation, kernel autotuning, allocator growth
-                    self.model(self._ids[:bucket], inference_context=context)
+                    greedy_tokens(self.model(self._ids[:bucket], inference_context=context)[:, 0])
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self.model(self._ids[:bucket], inference_context=context)
-            self._graphs[bucket] = (graph, logits)
+                tokens = greedy_tokens(logits[:, 0])  # one small kernel more per replay; saves greedy steps a launch
+            self._graphs[bucket] = (graph, logits, tokens)
+        self._buckets = sorted(self._graphs)
         torch.cuda.synchronize()
         context.reset()  # the warm-ups wrote into the cache

@@ -27,6 +27,7 @@ __all__ = [
     "IncrementalDetokenizer",
     "SamplingParams",
     "filter_logits",
+    "greedy_tokens",
     "make_generator",
     "sample_tokens",
     "top_k_mask",
@@ -122,6 +123,16 @@ def filter_logits(
     return logits
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token of every row of ``logits`` [..., V]: argmax over the last dim, in the logits' own dtype.
+
+    Upcasting (bfloat16 -> float32) is exact, so no comparison changes and this equals the argmax of the float32
+    logits without materialising them. ``max(dim).indices``: argmax's first-maximum (and NaN) semantics, 3x faster on
+    a CPU.
+    """
+    return logits.max(dim=-1).indices
+
+
 def sample_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -131,11 +142,12 @@ def sample_tokens(
 ) -> tuple[list[int], list[float] | None]:
     """Next token of every row of ``logits`` [n, V] under that row's ``params``; returns (tokens, raw log-probs or
     None). Greedy rows need no generator; sampled rows draw from theirs (``torch.multinomial``)."""
-    logits = logits.float()
     sampled = [row for row, p in enumerate(params) if not p.greedy]
+    if not sampled and not want_logprobs:  # all greedy: no float32 copy of the logits, one device-to-host copy
+        return greedy_tokens(logits).tolist(), None
+    logits = logits.float()
     if len(sampled) < len(params):
-        # max(dim).indices: the same first-maximum (and NaN) semantics as argmax, and 3x faster on a CPU
-        tokens = logits.max(dim=-1).indices
+        tokens = greedy_tokens(logits)
     else:
         tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     if sampled:

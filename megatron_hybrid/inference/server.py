@@ -16,15 +16,18 @@ Why this shape:
   the engine's own stop-string handling does (the engine also gets the stop strings so that it stops promptly).
 
 Megatron compatibility (``PUT /api``): the request fields, defaults and validation rules of Megatron-LM's
-``MegatronGenerate`` resource, with its error messages (returned as ``{"message": ...}`` with status 400, which is what
-Megatron's ``tools/text_generation_cli.py`` reads). The response has ``text`` (prompt + generation), ``segments``
+``MegatronGenerate`` resource in its order, with its error messages (one declarative table, :data:`MEGATRON_API_FIELDS`;
+returned as ``{"message": ...}`` with status 400, which is what Megatron's ``tools/text_generation_cli.py`` reads;
+Megatron itself answers most of them with status 200). The response has ``text`` (prompt + generation), ``segments``
 (one string per token), ``logprobs`` (log-probability of every token after the first, prompt included; ``null`` when
 not asked) and ``tokens`` (prompt + generated ids). Differences, all deliberate: ``temperature`` must be in (0, 100]
 as in Megatron (greedy decoding is ``top_k=1``); ``stop_on_eol`` / ``stop_on_double_eol`` stop on the text "\\n" /
 "\\n\\n" instead of GPT-2 token ids 198 / 628 (and the end-of-document token still stops generation); ``add_BOS``
 prepends the tokenizer's BOS token, or its end-of-document token when it has none (Megatron always uses EOD);
-``random_seed`` seeds each prompt's own generator (prompt ``i`` gets ``random_seed + i``) instead of the global RNG;
-``beam_width``, ``prevent_newline_after_colon=true`` and ``top_p_decay > 0`` are rejected as unsupported.
+``random_seed`` seeds each prompt's own generator (prompt ``i`` gets ``random_seed + i``) instead of the global RNG,
+and must be below 2**63 - 128; ``beam_width``, ``prevent_newline_after_colon=true`` and ``top_p_decay > 0`` are
+rejected as unsupported; types are JSON's (``true`` is not an integer; ``1`` is a number where Megatron wants a float)
+and every prompt must be a string (Megatron fails later on others).
 
 OpenAI compatibility (``POST /v1/completions``, also ``POST /completions`` like Megatron's server): ``prompt`` (string,
 list of strings, list of token ids, list of lists of token ids), ``max_tokens`` (default 16), ``temperature`` in
@@ -33,9 +36,11 @@ strings), ``seed``, ``logprobs`` (0..5: the chosen token's log-probability; ``to
 only, the engine does not expose alternatives), ``echo``, ``stream`` (server-sent events ``data: {...}`` ending with
 ``data: [DONE]``; ``stream_options.include_usage``), ``n`` = ``best_of`` = 1 only, ``usage`` counts. ``max_tokens=0``
 needs ``echo=true`` (scoring a prompt). An empty prompt string stands for the end-of-document token, as in OpenAI's
-API. Errors are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}``. One gap: a streamed request
-with ``echo`` and ``logprobs`` gets ``null`` log-probabilities for the echoed prompt tokens (the engine hands prompt
-log-probabilities over only with the finished request, after the echo chunk went out); the plain request has them.
+API. Errors are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}``. With ``echo`` and
+``logprobs``, the prompt's tokens come first in ``logprobs`` (the first one's ``token_logprobs`` / ``top_logprobs``
+entry is ``null``, nothing predicts it), then the generated ones; a stream sends the prompt's text and its
+log-probabilities in its first chunk (the engine reports them with the prefill), so the chunks' ``tokens``,
+``token_logprobs``, ``top_logprobs`` and ``text_offset`` concatenate to the plain answer's.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 try:
@@ -69,6 +74,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from megatron_hybrid.inference.sampling import SamplingParams
 
 __all__ = [
+    "MEGATRON_API_FIELDS",
+    "ApiCheck",
+    "ApiField",
+    "ApiRule",
     "BackgroundServer",
     "GenerationScheduler",
     "RequestError",
@@ -500,7 +509,14 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, int | float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A JSON number that is not a boolean: any integer, or a finite float (``1e400`` parses to inf)."""
+    if _is_int(v):
+        return True  # checked apart: math.isfinite raises OverflowError on a 400-digit integer literal
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
 
 
 def _check_text(s: str, what: str) -> None:
@@ -512,137 +528,173 @@ def _check_text(s: str, what: str) -> None:
 
 @dataclass
 class MegatronRequest:
-    """A validated ``PUT /api`` request."""
+    """A validated ``PUT /api`` request (defaults: :data:`MEGATRON_API_FIELDS`)."""
 
     prompts: list[str]
-    tokens_to_generate: int = 64
-    logprobs: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.0
-    add_BOS: bool = False  # Megatron's field name
-    stop_on_eol: bool = False
-    stop_on_double_eol: bool = False
-    random_seed: int = -1
-    no_log: bool = False
+    tokens_to_generate: int
+    logprobs: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    add_BOS: bool  # Megatron's field name
+    stop_on_eol: bool
+    stop_on_double_eol: bool
+    random_seed: int
+    no_log: bool
 
 
-def parse_megatron_request(body: dict[str, Any], *, max_prompts: int = MEGATRON_MAX_PROMPTS,
-                           default_tokens: int = 64) -> MegatronRequest:
-    """Megatron-LM's ``MegatronGenerate.put`` validation, in its order and with its messages (status 400).
+@dataclass(frozen=True)
+class ApiCheck:
+    """One rule on a field's value: ``ok(value, values)``, where ``values`` holds the prompts and every field that comes
+    earlier in the table (given or defaulted), so rules across fields read like Megatron's."""
 
-    Numbers must be JSON numbers (booleans are not numbers here); ``top_p`` and friends accept integers too.
-    """
+    ok: Callable[[Any, dict[str, Any]], bool]
+    message: str
 
-    def bad(message: str, param: str | None = None) -> RequestError:
+
+@dataclass(frozen=True)
+class ApiField:
+    """An optional ``PUT /api`` field. Absent: ``default``, unchecked. Present (``null`` included, as in Megatron):
+    its JSON type first (``type_message``), then ``checks`` in order; the first failure is the 400 answer."""
+
+    name: str
+    kind: str  # "bool" | "int" | "number" (booleans are neither integers nor numbers here)
+    default: Any
+    type_message: str
+    checks: tuple[ApiCheck, ...] = ()
+
+
+@dataclass(frozen=True)
+class ApiRule:
+    """A rule across fields, applied at its place in Megatron's order whether or not the fields were given."""
+
+    param: str
+    ok: Callable[[dict[str, Any]], bool]
+    message: str
+
+
+_KINDS: dict[str, Callable[[Any], bool]] = {"bool": _is_bool, "int": _is_int, "number": _is_number}
+_SEED_LIMIT = 2**63 - MEGATRON_MAX_PROMPTS  # prompt i is seeded with random_seed + i: keep that a distinct int64 seed
+_UNSUPPORTED = "is not supported by this server"
+
+
+def _never(v: Any, values: dict[str, Any]) -> bool:
+    """The last check of a field accepted only to be refused (beam_width: Megatron's own checks first, so a malformed
+    value gets Megatron's message, then "not supported")."""
+    return False
+
+
+# Megatron-LM's MegatronGenerate.put, field by field in its order, with its messages and defaults. Our own rules
+# (not Megatron's) are the ones whose message says "not supported by this server", and the random_seed upper bound.
+MEGATRON_API_FIELDS: tuple[ApiField | ApiRule, ...] = (
+    ApiField("tokens_to_generate", "int", 64, "tokens_to_generate must be an integer greater than 0", (
+        ApiCheck(lambda v, f: v >= 0, "tokens_to_generate must be an integer greater than or equal to 0"),
+    )),
+    ApiField("logprobs", "bool", False, "logprobs must be a boolean value"),
+    ApiRule("tokens_to_generate", lambda f: f["tokens_to_generate"] > 0 or f["logprobs"],
+            "tokens_to_generate=0 implies logprobs should be True"),
+    # Megatron's type message says "1000.0", a typo (its check and range message say 100.0): ours states the limit.
+    ApiField("temperature", "number", 1.0, "temperature must be a positive number less than or equal to 100.0", (
+        ApiCheck(lambda v, f: 0.0 < v <= 100.0, "temperature must be a positive number less than or equal to 100.0"),
+    )),
+    ApiField("top_k", "int", 0,
+             "top_k must be an integer equal to or greater than 0 and less than or equal to 1000", (
+        ApiCheck(lambda v, f: 0 <= v <= 1000,
+                 "top_k must be equal to or greater than 0 and less than or equal to 1000"),
+    )),
+    ApiField("top_p", "number", 0.0, "top_p must be a positive float less than or equal to 1.0", (
+        ApiCheck(lambda v, f: not (v > 0.0 and f["top_k"] > 0), "cannot set both top-k and top-p samplings."),
+        ApiCheck(lambda v, f: 0.0 <= v <= 1.0, "top_p must be less than or equal to 1.0"),
+    )),
+    ApiField("top_p_decay", "number", 0.0, "top_p_decay must be a positive float less than or equal to 1.0", (
+        ApiCheck(lambda v, f: f["top_p"] != 0.0, "top_p_decay cannot be set without top_p"),
+        ApiCheck(lambda v, f: 0.0 <= v <= 1.0, "top_p_decay must be less than or equal to 1.0"),
+        ApiCheck(lambda v, f: v == 0.0, f"top_p_decay {_UNSUPPORTED} (top_p stays fixed during generation)"),
+    )),
+    ApiField("top_p_bound", "number", 0.0, "top_p_bound must be a positive float less than or equal to top_p", (
+        ApiCheck(lambda v, f: f["top_p"] != 0.0, "top_p_bound cannot be set without top_p"),
+        # Without a decay the bound never applies (as in Megatron), so a valid one is accepted and has no effect.
+        ApiCheck(lambda v, f: 0.0 < v <= f["top_p"], "top_p_bound must be greater than 0 and less than top_p"),
+    )),
+    ApiField("add_BOS", "bool", False, "add_BOS must be a boolean value"),
+    ApiRule("prompts", lambda f: f["add_BOS"] or all(len(p) > 0 for p in f["prompts"]),
+            "Empty prompts require add_BOS=true"),
+    ApiField("stop_on_double_eol", "bool", False, "stop_on_double_eol must be a boolean value"),
+    ApiField("stop_on_eol", "bool", False, "stop_on_eol must be a boolean value"),
+    ApiField("prevent_newline_after_colon", "bool", False, "prevent_newline_after_colon must be a boolean value", (
+        ApiCheck(lambda v, f: not v, f"prevent_newline_after_colon {_UNSUPPORTED}"),
+    )),
+    ApiField("random_seed", "int", -1, "random_seed must be integer", (
+        ApiCheck(lambda v, f: v >= 0, "random_seed must be a positive integer"),
+        ApiCheck(lambda v, f: v < _SEED_LIMIT, "random_seed must be less than 2**63 - 128"),
+    )),
+    ApiField("no_log", "bool", False, "no_log must be a boolean value"),
+    ApiField("beam_width", "int", None, "beam_width must be integer", (
+        ApiCheck(lambda v, f: v >= 1, "beam_width must be an integer > 1"),
+        ApiCheck(lambda v, f: len(f["prompts"]) == 1, "When doing beam_search, batch size must be 1"),
+        ApiCheck(_never, f"beam search (beam_width) {_UNSUPPORTED}; leave beam_width out to sample"),
+    )),
+    ApiField("stop_token", "int", None, "stop_token must be an integer"),  # Megatron's beam search only: unused here
+    ApiField("length_penalty", "number", 1.0, "length_penalty must be a float"),  # likewise
+)
+_MEGATRON_REQUEST_FIELDS = tuple(f.name for f in fields(MegatronRequest))
+
+
+def _megatron_prompts(body: dict[str, Any], max_prompts: int) -> list[str]:
+    """The ``prompts`` field and the retired names Megatron points to it from, in Megatron's order."""
+
+    def bad(message: str, param: str = "prompts") -> RequestError:
         return RequestError(400, message, param)
 
     if "prompts" not in body:
-        raise bad("prompts argument required", "prompts")
+        raise bad("prompts argument required")
     if "max_len" in body:
         raise bad("max_len is no longer used.  Replace with tokens_to_generate", "max_len")
     if "sentences" in body:
         raise bad("sentences is no longer used.  Replace with prompts", "sentences")
     prompts = body["prompts"]
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise bad("prompts is not a list of strings", "prompts")
+    if not isinstance(prompts, list):
+        raise bad("prompts is not a list of strings")
     if len(prompts) == 0:
-        raise bad("prompts is empty", "prompts")
+        raise bad("prompts is empty")
     if len(prompts) > max_prompts:
-        raise bad(f"Maximum number of prompts is {max_prompts}", "prompts")
+        raise bad(f"Maximum number of prompts is {max_prompts}")
+    # Megatron checks only for a list and fails later (500) on other items; the message says what it expects.
+    if not all(isinstance(p, str) for p in prompts):
+        raise bad("prompts is not a list of strings")
     for p in prompts:
         _check_text(p, "a prompt")
-    req = MegatronRequest(prompts=prompts, tokens_to_generate=default_tokens)
+    return prompts
 
-    if "tokens_to_generate" in body:
-        v = body["tokens_to_generate"]
-        if not _is_int(v):
-            raise bad("tokens_to_generate must be an integer greater than 0", "tokens_to_generate")
-        if v < 0:
-            raise bad("tokens_to_generate must be an integer greater than or equal to 0", "tokens_to_generate")
-        req.tokens_to_generate = v
-    if "logprobs" in body:
-        if not isinstance(body["logprobs"], bool):
-            raise bad("logprobs must be a boolean value", "logprobs")
-        req.logprobs = body["logprobs"]
-    if req.tokens_to_generate == 0 and not req.logprobs:
-        raise bad("tokens_to_generate=0 implies logprobs should be True", "tokens_to_generate")
-    if "temperature" in body:
-        v = body["temperature"]
-        if not _is_number(v) or not 0.0 < v <= 100.0:
-            raise bad("temperature must be a positive number less than or equal to 100.0", "temperature")
-        req.temperature = float(v)
-    if "top_k" in body:
-        v = body["top_k"]
-        if not _is_int(v) or not 0 <= v <= 1000:
-            raise bad("top_k must be an integer equal to or greater than 0 and less than or equal to 1000", "top_k")
-        req.top_k = v
-    if "top_p" in body:
-        v = body["top_p"]
-        if not _is_number(v):
-            raise bad("top_p must be a positive float less than or equal to 1.0", "top_p")
-        if v > 0.0 and req.top_k > 0:
-            raise bad("cannot set both top-k and top-p samplings.", "top_p")
-        if not 0.0 <= v <= 1.0:
-            raise bad("top_p must be less than or equal to 1.0", "top_p")
-        req.top_p = float(v)
-    if "top_p_decay" in body:
-        v = body["top_p_decay"]
-        if not _is_number(v):
-            raise bad("top_p_decay must be a positive float less than or equal to 1.0", "top_p_decay")
-        if req.top_p == 0.0:
-            raise bad("top_p_decay cannot be set without top_p", "top_p_decay")
-        if not 0.0 <= v <= 1.0:
-            raise bad("top_p_decay must be less than or equal to 1.0", "top_p_decay")
-        if v > 0.0:
-            raise bad("top_p_decay is not supported by this server (top_p stays fixed during generation)",
-                      "top_p_decay")
-    if "top_p_bound" in body:
-        v = body["top_p_bound"]
-        if not _is_number(v):
-            raise bad("top_p_bound must be a positive float less than or equal to top_p", "top_p_bound")
-        if req.top_p == 0.0:
-            raise bad("top_p_bound cannot be set without top_p", "top_p_bound")
-        if not 0.0 < v <= req.top_p:
-            raise bad("top_p_bound must be greater than 0 and less than top_p", "top_p_bound")
-        # Without a decay the bound never applies (as in Megatron).
-    if "add_BOS" in body:
-        if not isinstance(body["add_BOS"], bool):
-            raise bad("add_BOS must be a boolean value", "add_BOS")
-        req.add_BOS = body["add_BOS"]
-    if any(len(p) == 0 for p in prompts) and not req.add_BOS:
-        raise bad("Empty prompts require add_BOS=true", "prompts")
-    for name in ("stop_on_double_eol", "stop_on_eol", "prevent_newline_after_colon", "no_log"):
-        if name in body and not isinstance(body[name], bool):
-            raise bad(f"{name} must be a boolean value", name)
-    req.stop_on_double_eol = body.get("stop_on_double_eol", False)
-    req.stop_on_eol = body.get("stop_on_eol", False)
-    req.no_log = body.get("no_log", False)
-    if body.get("prevent_newline_after_colon", False):
-        raise bad("prevent_newline_after_colon is not supported by this server", "prevent_newline_after_colon")
-    if "random_seed" in body:
-        v = body["random_seed"]
-        if not _is_int(v):
-            raise bad("random_seed must be integer", "random_seed")
-        if v < 0:
-            raise bad("random_seed must be a positive integer", "random_seed")
-        if v >= 2**63 - MEGATRON_MAX_PROMPTS:
-            raise bad("random_seed must be less than 2**63 - 128", "random_seed")
-        req.random_seed = v
-    if "beam_width" in body:
-        v = body["beam_width"]
-        if not _is_int(v):
-            raise bad("beam_width must be integer", "beam_width")
-        if v < 1:
-            raise bad("beam_width must be an integer > 1", "beam_width")
-        if len(prompts) > 1:
-            raise bad("When doing beam_search, batch size must be 1", "beam_width")
-        raise bad("beam search (beam_width) is not supported by this server", "beam_width")
-    if "stop_token" in body and not _is_int(body["stop_token"]):
-        raise bad("stop_token must be an integer", "stop_token")
-    if "length_penalty" in body and not _is_number(body["length_penalty"]):
-        raise bad("length_penalty must be a float", "length_penalty")
-    return req
+
+def parse_megatron_request(body: dict[str, Any], *, max_prompts: int = MEGATRON_MAX_PROMPTS,
+                           default_tokens: int = 64) -> MegatronRequest:
+    """Megatron-LM's ``MegatronGenerate.put`` validation: ``prompts``, then :data:`MEGATRON_API_FIELDS` in order,
+    with Megatron's messages; the first failure raises :class:`RequestError` (status 400).
+
+    Types are JSON's: booleans are not integers or numbers (Megatron's ``isinstance(v, int)`` lets ``true`` pass),
+    and number fields take integers as well as floats (JSON does not tell ``1`` from ``1.0``; Megatron's
+    ``isinstance(v, float)`` refuses ``"top_p": 1``). Unknown fields are ignored, as in Megatron.
+    """
+    values: dict[str, Any] = {"prompts": _megatron_prompts(body, max_prompts)}
+    for entry in MEGATRON_API_FIELDS:
+        if isinstance(entry, ApiRule):
+            if not entry.ok(values):
+                raise RequestError(400, entry.message, entry.param)
+            continue
+        if entry.name not in body:
+            values[entry.name] = default_tokens if entry.name == "tokens_to_generate" else entry.default
+            continue
+        v = body[entry.name]
+        if not _KINDS[entry.kind](v):
+            raise RequestError(400, entry.type_message, entry.name)
+        for check in entry.checks:
+            if not check.ok(v, values):
+                raise RequestError(400, check.message, entry.name)
+        if entry.kind == "number" and entry.name in _MEGATRON_REQUEST_FIELDS:
+            v = float(v)  # range-checked above, so a huge integer cannot overflow here
+        values[entry.name] = v
+    return MegatronRequest(**{name: values[name] for name in _MEGATRON_REQUEST_FIELDS})
 
 
 @dataclass
@@ -799,8 +851,13 @@ class _EngineRequest:
             self.closed = True
             raise RequestError(item.status, item.message)
         event, output = item
-        if output is not None and output.prompt_logprobs is not None:
-            self.completion.prompt_logprobs = list(output.prompt_logprobs)
+        # The prompt's log-probabilities ride on the first event (so a stream can echo them at once); the finished
+        # output carries them too, for engines whose events do not.
+        prompt_logprobs = getattr(event, "prompt_logprobs", None)
+        if prompt_logprobs is None and output is not None:
+            prompt_logprobs = output.prompt_logprobs
+        if prompt_logprobs is not None and self.completion.prompt_logprobs is None:
+            self.completion.prompt_logprobs = list(prompt_logprobs)
         complete = self.completion.add(event.token_id, event.logprob, event.finished, event.finish_reason)
         if event.finished:
             self.closed = True

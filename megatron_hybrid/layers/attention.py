@@ -2,6 +2,9 @@
 
 ``linear_qkv`` uses Megatron's fused layout: for each query group, its ``heads / groups`` query heads, then its key
 head, then its value head. Splitting that weight contiguously across ranks hands each rank whole query groups.
+
+A decode step on CUDA runs its attention (cache write included) as one Triton kernel on views of ``linear_qkv``'s
+output (``ops.decode_attention_fused``); elsewhere, or where that does not apply, the unfused path below.
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ from torch import nn
 from megatron_hybrid.config import HybridConfig
 from megatron_hybrid.layers.init import normal_init, scaled_normal_init
 from megatron_hybrid.layers.rotary import RotaryEmbedding, apply_rotary
+from megatron_hybrid.ops import decode_attention_fused
 from megatron_hybrid.parallel.state import ParallelGroups
 from megatron_hybrid.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_hybrid.spec import build_module
+
+# Devices whose decode steps try the fused Triton attention (``ops.decode_attention_fused`` answers None elsewhere
+# anyway; checking first spares a CPU step the rotary work). Tests add "cpu" to run the kernel in Triton's interpreter.
+FUSED_DECODE_DEVICE_TYPES = ("cuda",)
 
 
 def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
@@ -125,6 +133,8 @@ class SelfAttention(nn.Module):
         self.rotary = None
         if config.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(self.head_dim, config.rotary_percent, config.rotary_base)
+        # Decode through the fused Triton attention where it applies (CUDA); False forces the unfused ops (benchmarks).
+        self.fused_decode = True
 
     def allocate_inference_cache(
         self,
@@ -162,6 +172,10 @@ class SelfAttention(nn.Module):
         # inference path keeps its layout.
         batch_first = inference_context is None and not self.config.sequence_parallel
         qkv = self.linear_qkv(hidden_states.transpose(0, 1) if batch_first else hidden_states)
+        if inference_context is not None and inference_context.is_decode and self.fused_decode:
+            context = self._fused_decode_attention(qkv, position_ids, inference_context)
+            if context is not None:
+                return self.linear_proj(context.unsqueeze(0))
         rows = qkv.shape[:2]  # (b, s) or (s, b)
         batch, seqlen = rows if batch_first else rows[::-1]
         qkv = qkv.view(*rows, self.groups_local, self.heads_per_group + 2, self.head_dim)
@@ -186,6 +200,30 @@ class SelfAttention(nn.Module):
             return self.linear_proj(context).transpose(0, 1)
         context = context.permute(2, 0, 1, 3).reshape(seqlen, batch, self.heads_local * self.head_dim)
         return self.linear_proj(context)
+
+    def _fused_decode_attention(
+        self, qkv: torch.Tensor, position_ids: torch.Tensor | None, inference_context
+    ) -> torch.Tensor | None:
+        """A decode step's attention from ``qkv`` [1, b, width] as one Triton kernel: the context [b, heads * d], the
+        new keys and values written into the cache; None where the kernel does not apply (the caller then runs the
+        unfused path). q, k and v are views of ``qkv`` (no split or head-reshape copies); with RoPE, the rotated q
+        and k are new tensors (the kernel reads any strides)."""
+        if qkv.device.type not in FUSED_DECODE_DEVICE_TYPES or qkv.shape[0] != 1:
+            return None
+        batch = qkv.shape[1]
+        grouped = qkv[0].view(batch, self.groups_local, self.heads_per_group + 2, self.head_dim)
+        q = grouped[:, :, : self.heads_per_group]  # [b, groups, heads per group, d]: head g * hpg + i
+        k = grouped[:, :, self.heads_per_group]  # [b, groups, d]
+        v = grouped[:, :, self.heads_per_group + 1]
+        positions = inference_context.decode_positions()
+        if self.rotary is not None:
+            if position_ids is None:
+                position_ids = positions[:, None]
+            cos, sin = self.rotary(position_ids)  # [b, 1, rotary]: broadcast over [b, groups, heads per group, d]
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k.unsqueeze(2), cos, sin)[:, :, 0]
+        k_cache, v_cache = inference_context.kv_cache(self.layer_number)
+        return decode_attention_fused(q, k, v, k_cache, v_cache, positions, inference_context.attention_length)
 
     def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inference_context) -> torch.Tensor:
         k_cache, v_cache = inference_context.kv_cache(self.layer_number)

@@ -1,8 +1,12 @@
 """Pre-norm residual layers, one per symbol of the layer pattern: ``M`` Mamba, ``*`` attention, ``-`` MLP.
 
-Each is ``x + inner(norm(x))``. The attribute names (``norm`` / ``mixer``, ``input_layernorm`` / ``self_attention``,
+Each is ``x + mix(norm(x))``. The attribute names (``norm`` / ``mixer``, ``input_layernorm`` / ``self_attention``,
 ``pre_mlp_layernorm`` / ``mlp``) are Megatron's, so checkpoints and conversion tools line up. ``inference_context``
 (cached generation, ``megatron_hybrid.inference``) reaches the mixers that keep per-sequence state; MLPs ignore it.
+
+``pre_norm`` and ``mix`` expose the two halves of a layer so that a decode step can carry the residual stream across
+layers itself (``MambaStack``): the add of one layer's update then runs inside the next layer's norm kernel
+(``ops.rms_norm(update, ..., residual=stream, prenorm=True)``), the same arithmetic as ``forward`` in one launch less.
 """
 
 from __future__ import annotations
@@ -34,17 +38,48 @@ class _PreNormResidual(nn.Module):
         self.layer_number = layer_number
         self.residual_in_fp32 = config.residual_in_fp32
         self.hidden_dropout = config.hidden_dropout
-        self.params_dtype = config.params_dtype
 
     def _inner_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The working-precision copy of the (possibly float32) residual stream that the norm and mixer read."""
-        return hidden_states.to(self.params_dtype) if self.residual_in_fp32 else hidden_states
+        return hidden_states.to(self.working_dtype) if self.residual_in_fp32 else hidden_states
+
+    @property
+    def working_dtype(self) -> torch.dtype:
+        """The parameters' dtype now (not the config's: ``model.to(torch.bfloat16)`` changes it after building)."""
+        return self.pre_norm.weight.dtype
 
     def _residual_add(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         update = F.dropout(update, p=self.hidden_dropout, training=self.training)
         if self.residual_in_fp32:
             return residual.float() + update.float()
         return residual + update
+
+    norm_attribute = "norm"  # the pre-norm's attribute name (Megatron's, per layer type)
+
+    @property
+    def pre_norm(self) -> nn.Module:
+        """This layer's pre-norm module."""
+        return getattr(self, self.norm_attribute)
+
+    def mix(
+        self,
+        normed: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inference_context=None,
+    ) -> torch.Tensor:
+        """The layer's update from its normalised input: the residual branch without the add."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inference_context=None,
+    ) -> torch.Tensor:
+        update = self.mix(self.pre_norm(self._inner_input(hidden_states)), seq_idx, position_ids, inference_context)
+        return self._residual_add(hidden_states, update)
 
 
 @dataclass(frozen=True)
@@ -65,19 +100,14 @@ class MambaLayer(_PreNormResidual):
         self.norm = build_norm(submodules.norm, config)
         self.mixer = build_module(submodules.mixer, config=config, groups=groups, layer_number=layer_number)
 
-    def forward(
+    def mix(
         self,
-        hidden_states: torch.Tensor,
+        normed: torch.Tensor,
         seq_idx: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inference_context=None,
     ) -> torch.Tensor:
-        return self._residual_add(
-            hidden_states,
-            self.mixer(
-                self.norm(self._inner_input(hidden_states)), seq_idx=seq_idx, inference_context=inference_context
-            ),
-        )
+        return self.mixer(normed, seq_idx=seq_idx, inference_context=inference_context)
 
 
 @dataclass(frozen=True)
@@ -87,6 +117,8 @@ class AttentionLayerSubmodules:
 
 
 class AttentionLayer(_PreNormResidual):
+    norm_attribute = "input_layernorm"
+
     def __init__(
         self,
         config: HybridConfig,
@@ -100,20 +132,16 @@ class AttentionLayer(_PreNormResidual):
             submodules.self_attention, config=config, groups=groups, layer_number=layer_number
         )
 
-    def forward(
+    def mix(
         self,
-        hidden_states: torch.Tensor,
+        normed: torch.Tensor,
         seq_idx: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inference_context=None,
     ) -> torch.Tensor:
-        update = self.self_attention(
-            self.input_layernorm(self._inner_input(hidden_states)),
-            seq_idx=seq_idx,
-            position_ids=position_ids,
-            inference_context=inference_context,
+        return self.self_attention(
+            normed, seq_idx=seq_idx, position_ids=position_ids, inference_context=inference_context
         )
-        return self._residual_add(hidden_states, update)
 
 
 @dataclass(frozen=True)
@@ -123,6 +151,8 @@ class MLPLayerSubmodules:
 
 
 class MLPLayer(_PreNormResidual):
+    norm_attribute = "pre_mlp_layernorm"
+
     def __init__(
         self,
         config: HybridConfig,
@@ -134,11 +164,11 @@ class MLPLayer(_PreNormResidual):
         self.pre_mlp_layernorm = build_norm(submodules.pre_mlp_layernorm, config)
         self.mlp = build_module(submodules.mlp, config=config, groups=groups, layer_number=layer_number)
 
-    def forward(
+    def mix(
         self,
-        hidden_states: torch.Tensor,
+        normed: torch.Tensor,
         seq_idx: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inference_context=None,
     ) -> torch.Tensor:
-        return self._residual_add(hidden_states, self.mlp(self.pre_mlp_layernorm(self._inner_input(hidden_states))))
+        return self.mlp(normed)

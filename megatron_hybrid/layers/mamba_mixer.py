@@ -22,6 +22,7 @@ from megatron_hybrid.ops import (
     causal_conv1d_channel_last,
     causal_conv1d_update,
     gated_rms_norm,
+    mamba_decode_fused,
     ssd_chunk_scan,
     ssm_state_update,
 )
@@ -152,6 +153,8 @@ class MambaMixer(nn.Module):
             param.no_weight_decay = True  # the recurrence's own dynamics are not regularised (as in Mamba)
 
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, config.norm_epsilon, groups, dtype)
+        # Decode through the fused Triton step where it applies (CUDA); False forces the unfused ops (benchmarks).
+        self.fused_decode = True
         self.out_proj = build_module(
             submodules.out_proj,
             self.d_inner,
@@ -239,8 +242,22 @@ class MambaMixer(nn.Module):
     def _decode_step(
         self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
     ) -> torch.Tensor:
-        """One token per row: ``hidden_states`` [1, b, hidden]; conv and SSM states advance in place."""
+        """One token per row: ``hidden_states`` [1, b, hidden]; conv and SSM states advance in place.
+
+        On CUDA the span between the projections is two fused Triton kernels (``ops.mamba_decode_fused``: a replayed
+        decode step is bound by kernel launches, ~30 per layer unfused). Elsewhere, with
+        ``MEGATRON_HYBRID_KERNELS=torch`` or with ``fused_decode`` set False (benchmarks compare the two): the unfused
+        ops below, same semantics.
+        """
         zxbcdt = self.in_proj(hidden_states)[0]  # [b, local width]
+        if self.fused_decode:
+            y = mamba_decode_fused(
+                zxbcdt, conv_state, self.conv1d.weight, self.conv1d.bias, ssm_state, self.A_log, self.dt_bias,
+                self.D, self.norm.weight, norm_group_size=self.norm.group_size, eps=self.norm.eps,
+                dt_limit=self.config.mamba_dt_limit,
+            )
+            if y is not None:
+                return self.out_proj(y.unsqueeze(0))
         batch = zxbcdt.shape[0]
         group_width = self.ngroups_local * self.d_state
         z, xbc, dt = torch.split(

@@ -28,6 +28,16 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(
+        self, update: torch.Tensor, residual: torch.Tensor, residual_in_fp32: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(stream), stream)`` with ``stream = residual + update`` (float32 with ``residual_in_fp32``), the
+        norm reading the stream in ``update``'s dtype: the previous layer's residual add and this norm, one kernel on
+        CUDA (``ops.rms_norm`` with ``residual=``), the same arithmetic as the separate add and norm."""
+        return rms_norm(
+            update, self.weight, self.eps, residual=residual, prenorm=True, residual_in_fp32=residual_in_fp32
+        )
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 

@@ -11,15 +11,18 @@ from megatron_hybrid.ops.backend import (
     causal_conv1d,
     causal_conv1d_channel_last,
     causal_conv1d_update,
+    decode_attention_fused,
     gated_rms_norm,
     kernel_backend_info,
+    mamba_decode_fused,
     rms_norm,
+    skinny_gemv,
     ssd_chunk_scan,
     ssm_state_update,
 )
 from megatron_hybrid.ops.conv1d import causal_conv1d_ref
 from megatron_hybrid.ops.mamba_ssm_loader import KernelUnavailableError
-from megatron_hybrid.ops.norm import gated_rms_norm_ref, rms_norm_ref
+from megatron_hybrid.ops.norm import add_rms_norm_ref, gated_rms_norm_ref, rms_norm_ref
 from megatron_hybrid.ops.ssd import ssd_chunk_scan_ref
 from megatron_hybrid.ops.state_update import causal_conv1d_update_ref, ssm_state_update_ref
 
@@ -27,16 +30,20 @@ __all__ = [
     "ENV_VAR",
     "KernelFallbackWarning",
     "KernelUnavailableError",
+    "add_rms_norm_ref",
     "causal_conv1d",
     "causal_conv1d_channel_last",
     "causal_conv1d_ref",
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
+    "decode_attention_fused",
     "gated_rms_norm",
     "gated_rms_norm_ref",
     "kernel_backend_info",
+    "mamba_decode_fused",
     "rms_norm",
     "rms_norm_ref",
+    "skinny_gemv",
     "ssd_chunk_scan",
     "ssd_chunk_scan_ref",
     "ssm_state_update",

@@ -12,6 +12,9 @@ Every op takes ``backend="auto" | "torch" | "triton"``:
   to the slow reference is announced once per process with a ``KernelFallbackWarning`` that carries the import error.
   The environment variable ``MEGATRON_HYBRID_KERNELS`` (auto/torch/triton), read at every call, replaces ``"auto"``.
 
+``mamba_decode_fused`` (a Mamba mixer's whole decode step between its projections, ``ops.triton_decode``) follows the
+same rules but answers None instead of running a reference: its reference is the composition of the other ops.
+
 All dispatch targets implement the same semantics (those of mamba_ssm / causal_conv1d, documented in the reference
 modules), including ``seq_idx``: it is converted to monotone segment ids (``_common.segment_ids``) before reaching a
 GPU kernel, so both paths reset state exactly where the document id changes.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,9 +37,11 @@ from megatron_hybrid.ops.mamba_ssm_loader import (
     MambaSsmKernels,
     load_causal_conv1d_kernels,
     load_mamba_ssm_kernels,
+    load_own_triton,
     load_triton_conv1d,
+    load_triton_decode,
 )
-from megatron_hybrid.ops.norm import gated_rms_norm_ref, rms_norm_ref
+from megatron_hybrid.ops.norm import add_rms_norm_ref, gated_rms_norm_ref, rms_norm_ref
 from megatron_hybrid.ops.ssd import check_ssd_shapes, ssd_chunk_scan_ref
 from megatron_hybrid.ops.state_update import causal_conv1d_update_ref, ssm_state_update_ref
 
@@ -406,12 +412,56 @@ def _norm_fits_kernel(x: torch.Tensor, group_size: int) -> bool:
     return group_size * x.element_size() <= 65536
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str = "auto") -> torch.Tensor:
-    """RMSNorm over the last dim, ``x / sqrt(mean(x^2) + eps) * weight``, float32 math, x's dtype out."""
-    kernels = _mamba_kernels("rms_norm", backend, x)
-    if kernels is None or not _norm_fits_kernel(x, x.shape[-1]):
-        return rms_norm_ref(x, weight, eps)
-    return kernels.rmsnorm_fn(x, weight, None, z=None, eps=eps, group_size=None, norm_before_gate=True)
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    residual: torch.Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim, ``x / sqrt(mean(x^2) + eps) * weight``, float32 math, x's dtype out.
+
+    With ``residual`` (a decode step's pre-norm residual carry, ``x`` being the previous layer's update): the stream
+    ``s = residual + x`` (in float32 with ``residual_in_fp32``, else in residual's dtype) is normalised in x's dtype,
+    exactly as the unfused ``hidden = hidden + update; norm(hidden)`` rounds; returns ``(y, s)`` with ``prenorm``,
+    else ``y``. On CUDA that is one Triton kernel (``ops.triton_add_norm``; the reference is
+    ``add_rms_norm_ref``). Without ``residual``, ``prenorm`` returns ``(y, x)`` (x as float32 with
+    ``residual_in_fp32``). Unlike mamba_ssm's ``rms_norm_fn`` (which normalises the unrounded float32 sum and keeps a
+    given residual's dtype), ``residual_in_fp32`` always makes the new stream float32, as ``_residual_add`` does.
+    """
+    if residual is None:
+        kernels = _mamba_kernels("rms_norm", backend, x)
+        if kernels is None or not _norm_fits_kernel(x, x.shape[-1]):
+            y = rms_norm_ref(x, weight, eps)
+        else:
+            y = kernels.rmsnorm_fn(x, weight, None, z=None, eps=eps, group_size=None, norm_before_gate=True)
+        if not prenorm:
+            return y
+        return y, x.float() if residual_in_fp32 else x
+    residual_dtype = torch.float32 if residual_in_fp32 else residual.dtype
+    y = total = None
+    kernel = _own_triton_kernel("rms_norm", backend, x, "megatron_hybrid.ops.triton_add_norm", "add_rms_norm_triton",
+                                "the Triton add + RMSNorm", "each residual add runs as its own kernel")
+    if (
+        kernel is not None
+        and x.shape == residual.shape
+        and residual.device == x.device
+        and all(t in _KERNEL_DTYPES for t in (x.dtype, residual.dtype, weight.dtype))
+        and triton_add_norm_fits(x.shape[-1])
+        and not (torch.is_grad_enabled() and (residual.requires_grad or weight.requires_grad))
+    ):
+        y, total = kernel(x, residual, weight, eps, residual_dtype)
+    else:
+        y, total = add_rms_norm_ref(x, residual, weight, eps, residual_dtype)
+    return (y, total) if prenorm else y
+
+
+def triton_add_norm_fits(width: int) -> bool:
+    """Whether ``ops.triton_add_norm`` holds a row of ``width`` features (one float32 row per program, <= 64 KB)."""
+    return 4 * (1 << max(width - 1, 0).bit_length()) <= 65536
 
 
 def gated_rms_norm(
@@ -435,6 +485,155 @@ def gated_rms_norm(
     )
 
 
+def _own_triton_kernel(
+    op: str, backend: str, tensor: torch.Tensor, module_name: str, entry: str, what: str, fallback: str
+) -> Callable | None:
+    """``entry`` of our Triton module ``module_name`` for ``tensor``, or None for the unfused ops / reference.
+
+    ``backend`` / ``MEGATRON_HYBRID_KERNELS`` = "torch" turns it off like every other kernel; "triton" on non-CUDA
+    tensors raises. Not under autograd: these decode kernels have no backward (decoding runs under inference_mode).
+    A load failure on CUDA warns once, naming ``what`` and the ``fallback`` taken instead.
+    """
+    mode = _resolve(backend)
+    if mode == "torch":
+        return None
+    if tensor.device.type != "cuda":
+        if mode == "triton":
+            raise KernelUnavailableError(
+                f"{op}: backend 'triton' needs CUDA tensors, got device {tensor.device}; use backend='torch' or 'auto'"
+            )
+        return None
+    if tensor.dtype not in _KERNEL_DTYPES or (torch.is_grad_enabled() and tensor.requires_grad):
+        return None
+    try:
+        return load_own_triton(module_name, entry, what)
+    except KernelUnavailableError as exc:
+        if mode == "triton":
+            raise KernelUnavailableError(f"{op}: backend 'triton' requested but {exc}") from exc
+        _warn_once(module_name, f"megatron_hybrid.ops.{op}: CUDA tensors, but {what} could not be loaded, so "
+                   f"{fallback}. Reason: {exc}.")
+        return None
+
+
+def _fused_decode_kernel(op: str, backend: str, tensor: torch.Tensor) -> Callable | None:
+    """The fused Triton decode step for ``tensor`` (the in_proj output), or None for the unfused ops.
+
+    ``backend`` / ``MEGATRON_HYBRID_KERNELS`` = "torch" turns it off like every other kernel; "triton" on non-CUDA
+    tensors raises. Not under autograd: the fused step has no backward (decoding runs under inference_mode).
+    """
+    mode = _resolve(backend)
+    if mode == "torch":
+        return None
+    if tensor.device.type != "cuda":
+        if mode == "triton":
+            raise KernelUnavailableError(
+                f"{op}: backend 'triton' needs CUDA tensors, got device {tensor.device}; use backend='torch' or 'auto'"
+            )
+        return None
+    if tensor.dtype not in _KERNEL_DTYPES or (torch.is_grad_enabled() and tensor.requires_grad):
+        return None
+    try:
+        return load_triton_decode()
+    except KernelUnavailableError as exc:
+        if mode == "triton":
+            raise KernelUnavailableError(f"{op}: backend 'triton' requested but {exc}") from exc
+        _warn_once(
+            "triton_decode",
+            f"megatron_hybrid.ops.{op}: CUDA tensors, but the fused Triton decode step could not be loaded, so each "
+            f"Mamba decode step runs the unfused ops (~30 kernels per layer instead of 2). Reason: {exc}.",
+        )
+        return None
+
+
+def mamba_decode_fused(
+    zxbcdt: torch.Tensor,
+    conv_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    ssm_state: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    D: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    *,
+    norm_group_size: int,
+    eps: float,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    backend: str = "auto",
+) -> torch.Tensor | None:
+    """A Mamba-2 mixer's decode step from ``in_proj``'s output ``zxbcdt`` [b, width] to ``out_proj``'s input
+    [b, d_inner] in two fused Triton kernels (``ops.triton_decode``; conv and SSM states advance in place), or None
+    when the fused path does not apply (CPU tensors under "auto", backend "torch", no triton, autograd): the caller
+    then runs ``causal_conv1d_update`` + ``ssm_state_update`` + ``gated_rms_norm``, whose semantics it has
+    (dt softplus'ed, A = -exp(A_log), norm after the gate)."""
+    kernel = _fused_decode_kernel("mamba_decode_fused", backend, zxbcdt)
+    if kernel is None or conv_state.dtype not in _KERNEL_DTYPES or ssm_state.dtype not in _KERNEL_DTYPES:
+        return None
+    return kernel(
+        zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A_log, dt_bias, D, norm_weight,
+        norm_group_size=norm_group_size, eps=eps, dt_limit=dt_limit,
+    )
+
+
+def decode_attention_fused(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    attention_length: int | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor | None:
+    """One decode step of attention (the new keys and values written into the caches at ``positions``) as one Triton
+    kernel (``ops.triton_attention``), or None when it does not apply (CPU tensors under "auto", backend "torch", no
+    triton, autograd, other dtypes or layouts): the caller then runs its unfused path, whose semantics it has.
+
+    ``q`` [b, kv_heads, heads_per_group, d], ``k_new`` / ``v_new`` [b, kv_heads, d] (views of ``linear_qkv``'s output
+    are fine: only the last dim must be contiguous), caches [b, kv_heads, L, d], ``positions`` [b]; row ``i`` attends
+    to keys ``0 .. positions[i]``. Returns the context [b, heads * d] (head-major, ``linear_proj``'s input layout).
+    """
+    kernel = _own_triton_kernel("decode_attention_fused", backend, q, "megatron_hybrid.ops.triton_attention",
+                                "decode_attention_triton", "the Triton decode attention",
+                                "each attention decode step runs the unfused ops (~12 kernels per layer)")
+    tensors = (q, k_new, v_new, k_cache, v_cache)
+    if kernel is None or any(t.dtype not in _KERNEL_DTYPES or t.stride(-1) != 1 for t in tensors):
+        return None
+    if k_cache.dtype != v_cache.dtype or positions.device != q.device:
+        return None
+    return kernel(q, k_new, v_new, k_cache, v_cache, positions, attention_length)
+
+
+def skinny_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` for decode's few rows (at most 16 in all) as our Triton GEMV
+    (``ops.triton_gemv``), or None when it does not apply (CPU tensors under "auto", backend "torch", no triton,
+    autograd, more rows, mixed dtypes, a non-contiguous weight): the caller then runs ``F.linear``.
+
+    Why: cuBLAS's kernels for these shapes read the weights at a fraction of HBM bandwidth (see the module). Inference
+    only: the kernel has no backward, so any input or parameter that needs a gradient keeps ``F.linear``.
+    """
+    kernel = _own_triton_kernel("skinny_gemv", backend, x, "megatron_hybrid.ops.triton_gemv", "gemv_or_none",
+                                "the Triton skinny GEMV", "decode's linear layers run F.linear (cuBLAS)")
+    if kernel is None or x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        return None
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or not weight.is_contiguous():
+        return None
+    if bias is not None and (bias.device != x.device or bias.stride(0) != 1):
+        return None
+    if weight.device != x.device:
+        return None
+    return kernel(x, weight, bias)  # None for too many rows or a shape the benchmark found cuBLAS faster on
+
+
 def kernel_backend_info() -> dict[str, Any]:
     """What each op would run on CUDA tensors under ``backend="auto"`` and why (tries the lazy imports once)."""
     info: dict[str, Any] = {
@@ -456,6 +655,23 @@ def kernel_backend_info() -> dict[str, Any]:
         info["triton_conv1d"] = {"available": True, "error": None}
     except KernelUnavailableError as exc:
         info["triton_conv1d"] = {"available": False, "error": str(exc)}
+    try:
+        load_triton_decode()
+        info["triton_decode"] = {"available": True, "error": None}
+    except KernelUnavailableError as exc:
+        info["triton_decode"] = {"available": False, "error": str(exc)}
+    own = {
+        "triton_add_norm": ("megatron_hybrid.ops.triton_add_norm", "add_rms_norm_triton", "the Triton add + RMSNorm"),
+        "triton_attention": ("megatron_hybrid.ops.triton_attention", "decode_attention_triton",
+                             "the Triton decode attention"),
+        "triton_gemv": ("megatron_hybrid.ops.triton_gemv", "gemv_or_none", "the Triton skinny GEMV"),
+    }
+    for key, (module_name, entry, what) in own.items():
+        try:
+            load_own_triton(module_name, entry, what)
+            info[key] = {"available": True, "error": None}
+        except KernelUnavailableError as exc:
+            info[key] = {"available": False, "error": str(exc)}
     triton_ok = info["mamba_ssm_triton"]["available"]
     conv_ok = info["causal_conv1d"]["available"]
     conv_fallback = "triton (megatron_hybrid)" if info["triton_conv1d"]["available"] else "torch (F.conv1d on GPU)"
@@ -467,6 +683,12 @@ def kernel_backend_info() -> dict[str, Any]:
         "gated_rms_norm": "triton" if triton_ok else "torch",
         "causal_conv1d": "causal_conv1d" if conv_ok else conv_fallback,
         "causal_conv1d_update": "causal_conv1d" if conv_ok else "torch (F.conv1d on GPU)",
+        "mamba_decode_fused": "triton (megatron_hybrid)" if info["triton_decode"]["available"] else "unfused ops",
+        "rms_norm_with_residual": "triton (megatron_hybrid)" if info["triton_add_norm"]["available"] else "torch",
+        "decode_attention_fused": "triton (megatron_hybrid)" if info["triton_attention"]["available"]
+        else "unfused ops",
+        "skinny_gemv": "triton (megatron_hybrid, <= 16 rows, inference)" if info["triton_gemv"]["available"]
+        else "F.linear",
     }
     if mode == "torch":
         on_cuda = dict.fromkeys(on_cuda, "torch")

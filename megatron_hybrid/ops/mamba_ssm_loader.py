@@ -1,4 +1,5 @@
-"""Lazy access to the GPU kernels of mamba_ssm (Triton), causal_conv1d (CUDA extension) and our own Triton conv.
+"""Lazy access to the GPU kernels of mamba_ssm (Triton), causal_conv1d (CUDA extension) and our own Triton conv
+and fused decode step.
 
 ``import mamba_ssm`` executes its ``__init__``, which imports the compiled ``selective_scan_cuda`` extension and fails
 on wheels built without CUDA extensions, although the Triton kernels we need (``ssd_combined``,
@@ -46,6 +47,8 @@ _lock = threading.Lock()
 _mamba_result: MambaSsmKernels | KernelUnavailableError | None = None
 _conv_result: CausalConv1dKernels | KernelUnavailableError | None = None
 _triton_conv_result: Callable | KernelUnavailableError | None = None
+_triton_decode_result: Callable | KernelUnavailableError | None = None
+_own_triton_results: dict[str, Callable | KernelUnavailableError] = {}  # module name -> entry point or failure
 
 
 def _describe(exc: BaseException) -> str:
@@ -146,10 +149,53 @@ def load_triton_conv1d() -> Callable:
     return result
 
 
+def load_triton_decode() -> Callable:
+    """megatron_hybrid's fused Triton Mamba decode step (``ops.triton_decode.mamba_decode_step_triton``), or
+    ``KernelUnavailableError`` saying why not (cached). Importing it imports triton, so only CUDA calls get here."""
+    global _triton_decode_result
+    with _lock:
+        if _triton_decode_result is None:
+            try:
+                module = importlib.import_module("megatron_hybrid.ops.triton_decode")
+                if module.UNAVAILABLE_REASON is not None:
+                    raise KernelUnavailableError(module.UNAVAILABLE_REASON)
+                _triton_decode_result = module.mamba_decode_step_triton
+            except Exception as exc:
+                _triton_decode_result = KernelUnavailableError(
+                    f"the fused Triton Mamba decode is unavailable: {_describe(exc)}"
+                )
+        result = _triton_decode_result
+    if isinstance(result, KernelUnavailableError):
+        raise KernelUnavailableError(str(result))  # a fresh instance, for the reason given in load_triton_conv1d
+    return result
+
+
+def load_own_triton(module_name: str, entry: str, what: str) -> Callable:
+    """``entry`` of one of megatron_hybrid's own Triton modules (``ops.triton_add_norm``, ``ops.triton_attention``),
+    or ``KernelUnavailableError`` saying why not (cached per module). Such a module imports triton, so only CUDA
+    calls get here; it sets ``UNAVAILABLE_REASON`` instead of failing to import. ``what`` names it in errors."""
+    with _lock:
+        result = _own_triton_results.get(module_name)
+        if result is None:
+            try:
+                module = importlib.import_module(module_name)
+                if module.UNAVAILABLE_REASON is not None:
+                    raise KernelUnavailableError(module.UNAVAILABLE_REASON)
+                result = getattr(module, entry)
+            except Exception as exc:
+                result = KernelUnavailableError(f"{what} is unavailable: {_describe(exc)}")
+            _own_triton_results[module_name] = result
+    if isinstance(result, KernelUnavailableError):
+        raise KernelUnavailableError(str(result))  # a fresh instance, for the reason given in load_triton_conv1d
+    return result
+
+
 def reset_kernel_cache() -> None:
     """Forget cached load results (tests, or after installing a package in a running process)."""
-    global _mamba_result, _conv_result, _triton_conv_result
+    global _mamba_result, _conv_result, _triton_conv_result, _triton_decode_result
     with _lock:
+        _own_triton_results.clear()
         _mamba_result = None
         _conv_result = None
         _triton_conv_result = None
+        _triton_decode_result = None

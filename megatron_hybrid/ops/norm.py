@@ -86,6 +86,27 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return (y * weight.to(cdt)).to(x.dtype)
 
 
+def add_rms_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm residual carry: ``(rms_norm(s in x's dtype), s)`` with ``s = residual + x`` in ``residual_dtype``
+    (default residual's dtype).
+
+    Exactly the unfused layer path: ``_PreNormResidual._residual_add`` (``residual + update``, or ``residual.float()
+    + update.float()`` for a float32 stream), then the next norm on the working-precision copy of the stream.
+    """
+    residual_dtype = residual_dtype or residual.dtype
+    if residual.dtype == x.dtype == residual_dtype:
+        total = residual + x
+    else:
+        total = residual.to(residual_dtype) + x.to(residual_dtype)
+    return rms_norm_ref(total.to(x.dtype), weight, eps), total
+
+
 def gated_rms_norm_ref(
     x: torch.Tensor,
     z: torch.Tensor | None,

@@ -13,10 +13,21 @@ Semantics are those of ``ops.causal_conv1d_ref`` on the channel-last view (``cau
 dtype of ``x``, the weight and bias gradients those of the parameters.
 
 Forward: one program per ``[BLOCK_L, BLOCK_D]`` output tile, ``w`` shifted loads of ``x`` (neighbouring rows are L1/L2
-hits). Backward: the pre-activation is recomputed from ``x`` (nothing but ``x`` is saved; it is a view of ``in_proj``'s
-output, which the scan and the norm keep alive anyway), the input gradient of a tile gathers ``dpre`` at the ``w``
-later positions, and weight/bias gradients are reduced per program into float32 partials that one ``sum`` finishes
-(deterministic: no atomics).
+hits). The pre-activation is never saved: the backward recomputes it from ``x`` (a view of ``in_proj``'s output, which
+the scan and the norm keep alive anyway). Backward, ``BWD_MODE``:
+
+* ``"two_pass"`` (default): pass 1 walks ``BWD_ROWS_PER_PROGRAM`` output rows of a channel block, recomputes the
+  pre-activation once per element, writes ``dpre = dout * silu'(pre)`` to a ``[b, l, d]`` buffer (``DPRE_DTYPE``,
+  float32) and accumulates the weight and bias gradients; pass 2 computes ``dx`` from ``w`` shifted loads of ``dpre``
+  (or of ``dout`` itself without activation). Memory-bound: ~2x the bytes of the single pass, ~50 instructions per
+  element in pass 1 (ptxas, sm_90).
+* ``"recompute"``: one kernel; for each of the ``w`` output rows an input feeds, ``dout`` is loaded shifted and the
+  pre-activation recomputed there, so no thread needs another thread's values and no buffer is needed, at ``w`` x the
+  SiLU arithmetic (~135 instructions per element, ~220 registers).
+
+Both accumulate the weight and bias gradients per tap in registers, reduce them once per program into float32
+partials, and finish with one ``sum`` (deterministic: no atomics). The first version shifted ``dpre`` between threads
+with ``tl.gather`` and reduced every tile (shared memory and barriers): 0.94 ms for ~0.1 ms of memory traffic.
 
 Importing this module imports triton; ``ops.backend`` only does that lazily, on CUDA tensors. Under
 ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors, which is how the
@@ -33,15 +44,21 @@ from megatron_hybrid.ops._common import check_activation, segment_ids
 
 __all__ = ["causal_conv1d_channel_last_triton", "MAX_WIDTH"]
 
-MAX_WIDTH = 8  # taps are unrolled at compile time; Mamba uses 4
-# Tile shapes (module globals, read at every call, so a benchmark can sweep them). Chosen offline from ptxas's
-# register report for sm_90 with bf16 inputs: forward 124 registers/thread, no spills; backward ~210, no spills.
-FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 32, 128, 4
-BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS = 64, 64, 8
-BWD_ROWS_PER_PROGRAM = 256  # sequence positions one backward program walks (bounds the weight-grad partials)
-
-if not hasattr(tl, "gather"):  # the backward shifts dpre in registers with tl.gather (Triton >= 3.2)
-    raise ImportError(f"megatron_hybrid's Triton conv1d needs triton >= 3.2 (tl.gather), found {triton.__version__}")
+MAX_WIDTH = 8  # taps are unrolled at compile time (and the backward has 8 named tap accumulators); Mamba uses 4
+# Tile shapes and the backward's algorithm: module globals read at every call, so ``benchmarks/gpu_model.py --parts
+# conv`` can sweep them (and keeps the fastest for the rest of its run). Fixed constants rather than triton.autotune:
+# the weight-gradient reduction order depends on the tiles, and a timing-dependent choice would make gradients differ
+# from run to run.
+# Values: the fastest of the sweep on an H200 at the 800M layer shape (b4, L4096, 4096 channels, bf16; 2026-11-22):
+# forward 0.109 ms, backward 0.394 ms (two_pass; recompute's best was 0.499 ms), from 0.17 / 1.48 ms before.
+FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 16, 128, 4
+# "recompute": one kernel, dpre recomputed at each of the w shifts (w x the SiLU work, no extra memory);
+# "two_pass": dpre computed once into a [b, l, d] DPRE_DTYPE buffer, then dx from shifted loads of it (more traffic).
+BWD_MODE = "two_pass"
+BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS = 16, 32, 2  # recompute kernel / pass 1; ptxas sm_90: no spills
+BWD_ROWS_PER_PROGRAM = 512  # sequence positions one backward program walks (bounds the weight-grad partials)
+DX_BLOCK_L, DX_BLOCK_D, DX_WARPS = 32, 128, 4  # pass 2 of "two_pass"
+DPRE_DTYPE = torch.float32
 
 
 @triton.jit
@@ -90,6 +107,63 @@ def _conv1d_fwd_kernel(
 
 
 @triton.jit
+def _tap_input(x_base, seg_base, offs_t, mask_t, seg_t, offs_d, mask_d, stride_xl,
+               j: tl.constexpr, KW: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """float32 ``x[t - (KW - 1) + j]`` on the rows ``t`` of a tile where tap ``j`` of output ``t`` is live, else 0
+    (before position 0, or in another document segment than ``t``; the last tap is the token itself)."""
+    src = offs_t - (KW - 1) + j
+    valid = mask_t & (src >= 0)
+    if HAS_SEQ:
+        if j < KW - 1:
+            seg_src = tl.load(seg_base + src, mask=valid, other=-2)
+            valid = valid & (seg_src == seg_t)
+    return tl.load(
+        x_base + src.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
+        mask=valid[:, None] & mask_d[None, :], other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
+def _silu_grad(g, pre):
+    """``g * silu'(pre)``."""
+    sig = tl.sigmoid(pre)
+    return g * sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
+def _acc_tap(acc, value, tap: tl.constexpr, slot: tl.constexpr):
+    # One register accumulator per weight tap (Triton has no arrays of tensors): ``slot`` names the accumulator, and
+    # only the one whose slot equals ``tap`` grows. Accumulators of slots >= KW are never updated, so the compiler
+    # drops them from the loop.
+    if tap == slot:
+        acc += value
+    return acc
+
+
+@triton.jit
+def _store_tap(dw_row, acc, offs_d, mask_d, slot: tl.constexpr, KW: tl.constexpr):
+    if slot < KW:
+        tl.store(dw_row + offs_d * KW + slot, tl.sum(acc, axis=0), mask=mask_d)
+
+
+@triton.jit
+def _store_partials(DW_PART, DB_PART, pid_b, pid_c, stride_pb, stride_pc, stride_qb, stride_qc, offs_d, mask_d,
+                    a0, a1, a2, a3, a4, a5, a6, a7, adb, HAS_BIAS: tl.constexpr, KW: tl.constexpr):
+    """Rows summed once per program (one cross-thread reduction per tap, not per tile), then float32 partials."""
+    dw_row = DW_PART + pid_b * stride_pb + pid_c * stride_pc
+    _store_tap(dw_row, a0, offs_d, mask_d, 0, KW)
+    _store_tap(dw_row, a1, offs_d, mask_d, 1, KW)
+    _store_tap(dw_row, a2, offs_d, mask_d, 2, KW)
+    _store_tap(dw_row, a3, offs_d, mask_d, 3, KW)
+    _store_tap(dw_row, a4, offs_d, mask_d, 4, KW)
+    _store_tap(dw_row, a5, offs_d, mask_d, 5, KW)
+    _store_tap(dw_row, a6, offs_d, mask_d, 6, KW)
+    _store_tap(dw_row, a7, offs_d, mask_d, 7, KW)
+    if HAS_BIAS:
+        tl.store(DB_PART + pid_b * stride_qb + pid_c * stride_qc + offs_d, tl.sum(adb, axis=0), mask=mask_d)
+
+
+@triton.jit
 def _conv1d_bwd_kernel(
     X, W, BIAS, SEG, DOUT, DX, DW_PART, DB_PART,
     L, D, TILES,
@@ -100,13 +174,17 @@ def _conv1d_bwd_kernel(
     stride_sb,
     stride_pb, stride_pc,
     stride_qb, stride_qc,
-    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, KW: tl.constexpr, KW_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, KW: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # A tile computes dpre = dout * silu'(pre) on BLOCK_L rows but writes dx only for its first OUT_L rows: the last
-    # KW - 1 rows are the halo that dx[s] = sum_k weight[KW-1-k] * dpre[s+k] reads (shifted in registers by gather),
-    # and the next tile starts right after the OUT_L rows, so every position is output exactly once.
-    OUT_L: tl.constexpr = BLOCK_L - (KW - 1)
+    # Single pass ("recompute"). Rows r of a tile are input positions; input r feeds output t = r + k through tap
+    # KW - 1 - k, so
+    #   dx[r]            = sum_k weight[KW - 1 - k] * g_k[r]
+    #   dweight[KW-1-k] += sum_r g_k[r] * x[r]
+    # with g_k[r] = dpre[r + k] where the tap is live (same segment, r + k < L), else 0. g_k is read with a shifted
+    # load of dout and, under SiLU, a recomputation of the pre-activation at the shifted rows from shifted loads of x
+    # (neighbouring rows: L1/L2 hits). That costs KW x the forward's arithmetic but needs no data exchange between
+    # threads and writes every dx row exactly once.
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -115,82 +193,186 @@ def _conv1d_bwd_kernel(
     rows = tl.arange(0, BLOCK_L)
     x_base = X + pid_b * stride_xb
     g_base = DOUT + pid_b * stride_gb
+    seg_base = SEG  # unused (None) without documents
     if HAS_SEQ:
         seg_base = SEG + pid_b * stride_sb
-    taps = tl.arange(0, KW_PAD)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
-    dw_acc = tl.zeros((BLOCK_D, KW_PAD), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    zero = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7, adb = zero, zero, zero, zero, zero, zero, zero, zero, zero
     for tile in range(TILES):
-        offs_r = (pid_c * TILES + tile) * OUT_L + rows
+        offs_r = (pid_c * TILES + tile) * BLOCK_L + rows
         mask_r = offs_r < L
-        is_out = mask_r & (rows < OUT_L)
+        seg_r = offs_r  # placeholder without documents
         if HAS_SEQ:
             seg_r = tl.load(seg_base + offs_r, mask=mask_r, other=-1)
-        dpre = tl.load(
-            g_base + offs_r.to(tl.int64)[:, None] * stride_gl + offs_d[None, :],
+        x_r = tl.load(
+            x_base + offs_r.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
             mask=mask_r[:, None] & mask_d[None, :], other=0.0,
         ).to(tl.float32)
+        dx = zero
+        for k in tl.static_range(KW):
+            offs_t = offs_r + k  # the output rows this shift reads
+            mask_t = offs_t < L
+            g = tl.load(
+                g_base + offs_t.to(tl.int64)[:, None] * stride_gl + offs_d[None, :],
+                mask=mask_t[:, None] & mask_d[None, :], other=0.0,
+            ).to(tl.float32)
+            seg_t = offs_t
+            if HAS_SEQ:
+                seg_t = tl.load(seg_base + offs_t, mask=mask_t, other=-1)
+            if SILU:
+                pre = zero
+                if HAS_BIAS:
+                    pre += bias[None, :]
+                for j in tl.static_range(KW):
+                    if k + j == KW - 1:
+                        # This tap reads the tile's own rows: reuse x_r (beyond L, g is 0 whatever pre is).
+                        xs = x_r
+                        if HAS_SEQ:
+                            if j < KW - 1:
+                                xs = tl.where((seg_r == seg_t)[:, None], xs, 0.0)
+                    else:
+                        xs = _tap_input(x_base, seg_base, offs_t, mask_t, seg_t, offs_d, mask_d, stride_xl,
+                                        j, KW, HAS_SEQ)
+                    w_j = tl.load(W + offs_d * stride_wd + j * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
+                    pre += xs * w_j[None, :]
+                g = _silu_grad(g, pre)
+            if k == 0:
+                adb += g  # dpre on the tile's own rows (zero past L): the bias gradient
+            else:
+                if HAS_SEQ:
+                    g = tl.where((seg_t == seg_r)[:, None], g, 0.0)
+            w_k = tl.load(W + offs_d * stride_wd + (KW - 1 - k) * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
+            dx += g * w_k[None, :]
+            prod = g * x_r
+            a0 = _acc_tap(a0, prod, KW - 1 - k, 0)
+            a1 = _acc_tap(a1, prod, KW - 1 - k, 1)
+            a2 = _acc_tap(a2, prod, KW - 1 - k, 2)
+            a3 = _acc_tap(a3, prod, KW - 1 - k, 3)
+            a4 = _acc_tap(a4, prod, KW - 1 - k, 4)
+            a5 = _acc_tap(a5, prod, KW - 1 - k, 5)
+            a6 = _acc_tap(a6, prod, KW - 1 - k, 6)
+            a7 = _acc_tap(a7, prod, KW - 1 - k, 7)
+        dx_ptrs = DX + pid_b * stride_dxb + offs_r.to(tl.int64)[:, None] * stride_dxl + offs_d[None, :]
+        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
+    _store_partials(DW_PART, DB_PART, pid_b, pid_c, stride_pb, stride_pc, stride_qb, stride_qc, offs_d, mask_d,
+                    a0, a1, a2, a3, a4, a5, a6, a7, adb, HAS_BIAS, KW)
+
+
+@triton.jit
+def _conv1d_bwd_dpre_kernel(
+    X, W, BIAS, SEG, DOUT, DPRE, DW_PART, DB_PART,
+    L, D, TILES,
+    stride_xb, stride_xl,
+    stride_gb, stride_gl,
+    stride_eb, stride_el,
+    stride_wd, stride_ww,
+    stride_sb,
+    stride_pb, stride_pc,
+    stride_qb, stride_qc,
+    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, KW: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Pass 1 of the two-pass backward. Rows t of a tile are output positions: dpre[t] = dout[t] * silu'(pre[t])
+    # (pre recomputed once, as in the forward), written to DPRE under SiLU for pass 2, and
+    #   dweight[j] += sum_t dpre[t] * x[t - (KW - 1) + j] (live taps only), dbias += sum_t dpre[t].
+    pid_c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    rows = tl.arange(0, BLOCK_L)
+    x_base = X + pid_b * stride_xb
+    g_base = DOUT + pid_b * stride_gb
+    seg_base = SEG  # unused (None) without documents
+    if HAS_SEQ:
+        seg_base = SEG + pid_b * stride_sb
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    zero = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7, adb = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    for tile in range(TILES):
+        offs_t = (pid_c * TILES + tile) * BLOCK_L + rows
+        mask_t = offs_t < L
+        seg_t = offs_t  # placeholder without documents
+        if HAS_SEQ:
+            seg_t = tl.load(seg_base + offs_t, mask=mask_t, other=-1)
+        g = tl.load(
+            g_base + offs_t.to(tl.int64)[:, None] * stride_gl + offs_d[None, :],
+            mask=mask_t[:, None] & mask_d[None, :], other=0.0,
+        ).to(tl.float32)
         if SILU:
-            pre = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+            pre = zero
             if HAS_BIAS:
                 pre += bias[None, :]
             for j in tl.static_range(KW):
-                src = offs_r - (KW - 1) + j
-                valid = mask_r & (src >= 0)
-                if HAS_SEQ:
-                    if j < KW - 1:
-                        seg_src = tl.load(seg_base + src, mask=valid, other=-2)
-                        valid = valid & (seg_src == seg_r)
-                x = tl.load(
-                    x_base + src.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
-                    mask=valid[:, None] & mask_d[None, :], other=0.0,
-                ).to(tl.float32)
-                w = tl.load(W + offs_d * stride_wd + j * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
-                pre += x * w[None, :]
-            sig = tl.sigmoid(pre)
-            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-
-        # Weight and bias gradients from the output rows (x reloaded: L1/L2 hits, fewer live registers).
-        dpre_out = tl.where(is_out[:, None], dpre, 0.0)
-        db_acc += tl.sum(dpre_out, axis=0)
+                xs = _tap_input(x_base, seg_base, offs_t, mask_t, seg_t, offs_d, mask_d, stride_xl, j, KW, HAS_SEQ)
+                w_j = tl.load(W + offs_d * stride_wd + j * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
+                pre += xs * w_j[None, :]
+            g = _silu_grad(g, pre)
+        adb += g
+        # The same tap inputs again (identical loads: L1 hits or merged by the compiler; fewer live registers than
+        # keeping KW tiles across the sigmoid).
         for j in tl.static_range(KW):
-            src = offs_r - (KW - 1) + j
-            valid = is_out & (src >= 0)
-            if HAS_SEQ:
-                if j < KW - 1:
-                    seg_src = tl.load(seg_base + src, mask=valid, other=-2)
-                    valid = valid & (seg_src == seg_r)
-            x = tl.load(
-                x_base + src.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
-                mask=valid[:, None] & mask_d[None, :], other=0.0,
-            ).to(tl.float32)
-            contrib = tl.sum(dpre_out * x, axis=0)
-            dw_acc += tl.where(taps[None, :] == j, contrib[:, None], 0.0)
+            prod = g * _tap_input(x_base, seg_base, offs_t, mask_t, seg_t, offs_d, mask_d, stride_xl, j, KW, HAS_SEQ)
+            a0 = _acc_tap(a0, prod, j, 0)
+            a1 = _acc_tap(a1, prod, j, 1)
+            a2 = _acc_tap(a2, prod, j, 2)
+            a3 = _acc_tap(a3, prod, j, 3)
+            a4 = _acc_tap(a4, prod, j, 4)
+            a5 = _acc_tap(a5, prod, j, 5)
+            a6 = _acc_tap(a6, prod, j, 6)
+            a7 = _acc_tap(a7, prod, j, 7)
+        if SILU:
+            e_ptrs = DPRE + pid_b * stride_eb + offs_t.to(tl.int64)[:, None] * stride_el + offs_d[None, :]
+            tl.store(e_ptrs, g.to(DPRE.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+    _store_partials(DW_PART, DB_PART, pid_b, pid_c, stride_pb, stride_pc, stride_qb, stride_qc, offs_d, mask_d,
+                    a0, a1, a2, a3, a4, a5, a6, a7, adb, HAS_BIAS, KW)
 
-        # Input gradient of the output rows.
-        w_last = tl.load(W + offs_d * stride_wd + (KW - 1) * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
-        dx = dpre * w_last[None, :]
-        for k in tl.static_range(1, KW):
-            idx = tl.minimum(rows + k, BLOCK_L - 1)
-            shifted = tl.gather(dpre, tl.broadcast_to(idx[:, None], (BLOCK_L, BLOCK_D)), axis=0)
-            if HAS_SEQ:
-                seg_k = tl.load(seg_base + offs_r + k, mask=mask_r & (offs_r + k < L), other=-3)
-                shifted = tl.where((seg_k == seg_r)[:, None], shifted, 0.0)
-            w_k = tl.load(W + offs_d * stride_wd + (KW - 1 - k) * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
-            dx += shifted * w_k[None, :]
-        dx_ptrs = DX + pid_b * stride_dxb + offs_r.to(tl.int64)[:, None] * stride_dxl + offs_d[None, :]
-        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=is_out[:, None] & mask_d[None, :])
 
-    part = pid_b * stride_pb + pid_c * stride_pc
-    tl.store(
-        DW_PART + part + offs_d[:, None] * KW + taps[None, :], dw_acc,
-        mask=mask_d[:, None] & (taps[None, :] < KW),
-    )
-    if HAS_BIAS:
-        tl.store(DB_PART + pid_b * stride_qb + pid_c * stride_qc + offs_d, db_acc, mask=mask_d)
+@triton.jit
+def _conv1d_bwd_dx_kernel(
+    G, W, SEG, DX,
+    L, D,
+    stride_gb, stride_gl,
+    stride_dxb, stride_dxl,
+    stride_wd, stride_ww,
+    stride_sb,
+    HAS_SEQ: tl.constexpr, KW: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Pass 2 of the two-pass backward: dx[r] = sum_k weight[KW - 1 - k] * dpre[r + k] over live taps, from KW shifted
+    # loads of dpre (pass 1's buffer, or dout itself without activation), like the forward's shifted loads of x.
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_r = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_r = offs_r < L
+    mask_d = offs_d < D
+    g_base = G + pid_b * stride_gb
+    if HAS_SEQ:
+        seg_base = SEG + pid_b * stride_sb
+        seg_r = tl.load(seg_base + offs_r, mask=mask_r, other=-1)
+    dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    for k in tl.static_range(KW):
+        offs_t = offs_r + k
+        valid = offs_t < L
+        if HAS_SEQ:
+            if k > 0:
+                seg_t = tl.load(seg_base + offs_t, mask=valid, other=-2)
+                valid = valid & (seg_t == seg_r)
+        g = tl.load(
+            g_base + offs_t.to(tl.int64)[:, None] * stride_gl + offs_d[None, :],
+            mask=valid[:, None] & mask_d[None, :], other=0.0,
+        ).to(tl.float32)
+        w_k = tl.load(W + offs_d * stride_wd + (KW - 1 - k) * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
+        dx += g * w_k[None, :]
+    dx_ptrs = DX + pid_b * stride_dxb + offs_r.to(tl.int64)[:, None] * stride_dxl + offs_d[None, :]
+    tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -229,33 +411,66 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 def _conv_bwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, segments: torch.Tensor | None, silu: bool,
-    dout: torch.Tensor,
+    dout: torch.Tensor, dx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``x``, ``weight``, ``bias``. ``dout`` needs contiguous channels; ``dx``, when given, is the
+    [b, l, d] buffer (any row strides, contiguous channels) the input gradient is written into, e.g. a slice of a
+    wider gradient, so that no concatenation follows."""
     b, l, d = x.shape
     kw = weight.shape[1]
-    dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
-    block_l = max(BWD_BLOCK_L, triton.next_power_of_2(2 * kw))  # room for the kw - 1 halo rows
-    out_rows = block_l - (kw - 1)
-    n_blocks = triton.cdiv(l, out_rows)
-    tiles = max(1, min(n_blocks, BWD_ROWS_PER_PROGRAM // out_rows))
-    chunks = triton.cdiv(n_blocks, tiles)
-    dw_part = torch.zeros((b, chunks, d, kw), device=x.device, dtype=torch.float32)
-    db_part = torch.zeros((b, chunks, d), device=x.device, dtype=torch.float32) if bias is not None else None
+    if BWD_MODE not in ("recompute", "two_pass"):
+        raise ValueError(f"BWD_MODE must be 'recompute' or 'two_pass', got {BWD_MODE!r}")
+    if dx is None:
+        dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
+    elif dx.shape != x.shape or dx.stride(-1) != 1:
+        raise ValueError(f"dx must be {tuple(x.shape)} with contiguous channels, got {tuple(dx.shape)} {dx.stride()}")
+    block_l = BWD_BLOCK_L
+    n_tiles = triton.cdiv(l, block_l)
+    tiles = max(1, min(n_tiles, BWD_ROWS_PER_PROGRAM // block_l))
+    chunks = triton.cdiv(n_tiles, tiles)
+    # Every (batch, chunk, channel, tap) partial is written by exactly one program: no zero fill needed. The fixed
+    # tile walk makes the reduction order, hence the weight gradient, bitwise reproducible for given tile constants.
+    dw_part = torch.empty((b, chunks, d, kw), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((b, chunks, d), device=x.device, dtype=torch.float32) if bias is not None else None
     if dx.numel() > 0:
         grid = (chunks, triton.cdiv(d, BWD_BLOCK_D), b)
-        _conv1d_bwd_kernel[grid](
-            x, weight, bias, segments, dout, dx, dw_part, db_part,
-            l, d, tiles,
-            x.stride(0), x.stride(1),
-            dout.stride(0), dout.stride(1),
-            dx.stride(0), dx.stride(1),
-            weight.stride(0), weight.stride(1),
-            segments.stride(0) if segments is not None else 0,
-            dw_part.stride(0), dw_part.stride(1),
-            db_part.stride(0) if db_part is not None else 0, db_part.stride(1) if db_part is not None else 0,
-            HAS_BIAS=bias is not None, HAS_SEQ=segments is not None, SILU=silu, KW=kw,
-            KW_PAD=triton.next_power_of_2(kw), BLOCK_L=block_l, BLOCK_D=BWD_BLOCK_D, num_warps=BWD_WARPS,
-        )
+        common = dict(HAS_BIAS=bias is not None, HAS_SEQ=segments is not None, SILU=silu, KW=kw,
+                      BLOCK_L=block_l, BLOCK_D=BWD_BLOCK_D, num_warps=BWD_WARPS)
+        seg_stride = segments.stride(0) if segments is not None else 0
+        db_strides = (db_part.stride(0), db_part.stride(1)) if db_part is not None else (0, 0)
+        part_strides = (dw_part.stride(0), dw_part.stride(1), *db_strides)
+        if BWD_MODE == "recompute":
+            _conv1d_bwd_kernel[grid](
+                x, weight, bias, segments, dout, dx, dw_part, db_part,
+                l, d, tiles,
+                x.stride(0), x.stride(1),
+                dout.stride(0), dout.stride(1),
+                dx.stride(0), dx.stride(1),
+                weight.stride(0), weight.stride(1),
+                seg_stride, *part_strides, **common,
+            )
+        else:
+            # Pass 1 writes dpre (under SiLU; without activation dpre is dout itself) and the parameter partials;
+            # pass 2 turns dpre into dx. DPRE_DTYPE float32 keeps dx as exact as the single pass.
+            dpre = torch.empty((b, l, d), device=x.device, dtype=DPRE_DTYPE) if silu else dout
+            _conv1d_bwd_dpre_kernel[grid](
+                x, weight, bias, segments, dout, dpre, dw_part, db_part,
+                l, d, tiles,
+                x.stride(0), x.stride(1),
+                dout.stride(0), dout.stride(1),
+                dpre.stride(0), dpre.stride(1),
+                weight.stride(0), weight.stride(1),
+                seg_stride, *part_strides, **common,
+            )
+            _conv1d_bwd_dx_kernel[(triton.cdiv(l, DX_BLOCK_L), triton.cdiv(d, DX_BLOCK_D), b)](
+                dpre, weight, segments, dx,
+                l, d,
+                dpre.stride(0), dpre.stride(1),
+                dx.stride(0), dx.stride(1),
+                weight.stride(0), weight.stride(1),
+                seg_stride,
+                HAS_SEQ=segments is not None, KW=kw, BLOCK_L=DX_BLOCK_L, BLOCK_D=DX_BLOCK_D, num_warps=DX_WARPS,
+            )
     dweight = dw_part.sum(dim=(0, 1)).to(weight.dtype)
     dbias = db_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias

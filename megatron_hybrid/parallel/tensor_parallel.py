@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_hybrid.ops import skinny_gemv
 from megatron_hybrid.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence_parallel,
@@ -45,10 +46,41 @@ InitMethod = Callable[[torch.Tensor], object]
 
 DEFAULT_INIT_STD = 0.02
 
+SKINNY_GEMV_ENABLED = True
+"""Decode's linears (<= ``SKINNY_GEMV_MAX_ROWS`` rows, inference, CUDA) run the Triton GEMV ``ops.skinny_gemv``
+instead of cuBLAS, which picks slow kernels for these shapes. A switch so benchmarks can time before / after;
+``MEGATRON_HYBRID_KERNELS=torch`` turns it off too."""
+SKINNY_GEMV_MAX_ROWS = 1  # measured on an H200: the one-row kernel beats cuBLAS 1.2-3.1x; the tl.dot path for 2-16
+# rows lost (0.55-0.83x), so batches of several rows stay on cuBLAS until that path is tuned
+_SKINNY_GEMV_DEVICES = ("cuda",)  # a module global so CPU tests can exercise the rules (with an interpreted kernel)
+
 
 def default_init_method(tensor: torch.Tensor) -> torch.Tensor:
     """Megatron's default: normal(0, 0.02)."""
     return nn.init.normal_(tensor, mean=0.0, std=DEFAULT_INIT_STD)
+
+
+def _use_skinny_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` should try the Triton GEMV: switch on, a GPU tensor, inference (no autograd through
+    the kernel, which has no backward), at most ``SKINNY_GEMV_MAX_ROWS`` rows, a contiguous weight of x's dtype.
+    ``ops.skinny_gemv`` still declines (None) when the kernel cannot load or the env forces torch."""
+    if not SKINNY_GEMV_ENABLED or x.device.type not in _SKINNY_GEMV_DEVICES or weight.device != x.device:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if x.dim() == 0 or x.shape[-1] == 0 or x.dtype != weight.dtype or not weight.is_contiguous():
+        return False
+    rows = x.numel() // x.shape[-1]
+    return 1 <= rows <= SKINNY_GEMV_MAX_ROWS
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or the Triton GEMV for decode-sized inputs (``_use_skinny_gemv``); same result up to rounding."""
+    if _use_skinny_gemv(x, weight):
+        y = skinny_gemv(x, weight, bias)
+        if y is not None:
+            return y
+    return F.linear(x, weight, bias)
 
 
 @torch.no_grad()
@@ -126,7 +158,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel(x, tp_group)
         else:
             x = copy_to_tp(x, tp_group)
-        y = F.linear(x, self.weight, self.bias)
+        y = _linear(x, self.weight, self.bias)
         if self.gather_output and self.groups.tp_size > 1:
             y = gather_from_tp(y, tp_group)
             if len(self.tp_components) > 1:  # rank-major -> component-major (the TP=1 order)
@@ -205,7 +237,7 @@ class RowParallelLinear(nn.Module):
         tp_group = self.groups.tp
         if not self.input_is_parallel:
             x = scatter_to_tp(x, tp_group)
-        y = F.linear(x, self.weight)
+        y = _linear(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel(y, tp_group)
         else:

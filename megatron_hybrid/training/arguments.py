@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_hybrid.config import HybridConfig
+from megatron_hybrid.models.pipeline_stage import stage_layer_ranges
 
 __all__ = [
     "HYBRID_CONFIG_FLAGS",
@@ -360,8 +361,10 @@ class ParallelConfig:
     """Parallel layout of a run (Megatron flag names). World size = tp x cp x dp x pp."""
 
     tensor_model_parallel_size: int = cli_field(1, "tensor-parallel size")
-    pipeline_model_parallel_size: int = cli_field(1, "pipeline-parallel size (only 1 for now)")
-    context_parallel_size: int = cli_field(1, "context-parallel size (only 1 for now)")
+    pipeline_model_parallel_size: int = cli_field(
+        1, "pipeline-parallel size: layers split at the '|' of --hybrid-override-pattern, else evenly; "
+           "non-interleaved 1F1B schedule")
+    context_parallel_size: int = cli_field(1, "context-parallel size (only 1: not implemented)")
     sequence_parallel: bool = cli_field(False, "split norms/dropout activations along the sequence over TP ranks")
     use_distributed_optimizer: bool = cli_field(
         False, "shard optimizer states over data-parallel ranks (ZeRO-1, by whole parameters)")
@@ -792,12 +795,9 @@ def _validate(values: dict[str, Any], source: dict[str, str], notes: list[str]) 
     if values["position_embedding_type"] not in ("none", "rope"):
         errors.append(f"--position-embedding-type {values['position_embedding_type']} is not implemented; "
                       "use none (Mamba layers carry position) or rope")
-    if values["pipeline_model_parallel_size"] and values["pipeline_model_parallel_size"] > 1:
-        errors.append("--pipeline-model-parallel-size > 1 is not implemented yet (pipeline schedules come with the "
-                      "parallelism issue); use 1")
     if values["context_parallel_size"] and values["context_parallel_size"] > 1:
-        errors.append("--context-parallel-size > 1 is not implemented yet (context parallelism comes with the "
-                      "parallelism issue); use 1")
+        errors.append("--context-parallel-size > 1 is not implemented (context parallelism is not supported; "
+                      "tensor, pipeline and data parallelism are); use 1")
     if values["weight_decay_incr_style"] == "constant":
         for dest in ("start_weight_decay", "end_weight_decay"):
             if values[dest] is not None:
@@ -848,9 +848,15 @@ def _validate(values: dict[str, Any], source: dict[str, str], notes: list[str]) 
     model = {o.dest: values[o.dest] for o in _options() if o.owner == "model"}
     if not errors and values["hidden_size"] is not None:
         try:
-            HybridConfig(vocab_size=1, **model)
+            config = HybridConfig(vocab_size=1, **model)
         except (TypeError, ValueError) as exc:
             errors.append(f"invalid model configuration: {exc}")
+        else:
+            pipeline_size = values["pipeline_model_parallel_size"]
+            try:
+                stage_layer_ranges(config, pipeline_size)
+            except ValueError as exc:
+                errors.append(f"--pipeline-model-parallel-size {pipeline_size} does not fit the model: {exc}")
     if errors:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
 

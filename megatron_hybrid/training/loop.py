@@ -2,13 +2,18 @@
 
 One iteration (= one optimizer step over ``--global-batch-size`` samples):
 
-1. fetch this rank's ``num_microbatches`` micro batches (global = micro x data-parallel x accumulation);
+1. fetch this rank's ``num_microbatches`` micro batches (global = micro x data-parallel x accumulation); every
+   pipeline stage reads the same batches (the first stage uses the tokens, the last the labels and loss mask, all
+   of them the positions and document ids);
 2. count the loss tokens of the whole global batch (all-reduce over data parallel);
 3. forward + backward every micro batch with loss = sum(per-token loss x mask) / global tokens, under bf16
-   autocast with ``--bf16`` (fp32 master weights, see :mod:`megatron_hybrid.training.optimizer`);
-4. sequence-parallel and data-parallel gradient sums, global-norm clipping, AdamW step; a step whose loss or
-   gradient norm is NaN/Inf is skipped (parameters, optimizer and LR schedule untouched) and counted, and more than
-   ``--max-consecutive-nan-skips`` in a row abort the run;
+   autocast with ``--bf16`` (fp32 master weights, see :mod:`megatron_hybrid.training.optimizer`), through the
+   1F1B pipeline schedule of :mod:`megatron_hybrid.parallel.pipeline` (with one stage: forward + backward per micro
+   batch); the last stage's loss is broadcast to every stage;
+4. sequence-parallel, data-parallel and tied-embedding gradient sums, global-norm clipping (over tensor and
+   pipeline ranks), AdamW step; a step whose loss or gradient norm is NaN/Inf is skipped on every rank (parameters,
+   optimizer and LR schedule untouched) and counted, and more than ``--max-consecutive-nan-skips`` in a row abort
+   the run;
 5. the LR schedule advances by the global batch size (Megatron's sample-based schedule).
 
 Then logging (every ``--log-interval``), validation (every ``--eval-interval``), checkpoint (every
@@ -47,7 +52,16 @@ import torch.distributed as dist
 from megatron_hybrid.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from megatron_hybrid.config import HybridConfig
 from megatron_hybrid.models.mamba_model import MambaModel
+from megatron_hybrid.models.pipeline_stage import build_pipeline_stage
+from megatron_hybrid.parallel.pipeline import (
+    StageIO,
+    broadcast_from_last_stage,
+    forward_backward_pipelining,
+    forward_only_pipelining,
+    initialize_pipeline_communication,
+)
 from megatron_hybrid.parallel.state import ParallelGroups, init_distributed, initialize_parallel_groups
+from megatron_hybrid.parallel.tied_embeddings import sync_tied_embedding_weights
 from megatron_hybrid.training.arguments import ConfigError, ResolvedRun, RunConfig, parse_args, resolve
 from megatron_hybrid.training.data import build_datasets, micro_batches
 from megatron_hybrid.training.flops import peak_tflops_for_device, training_flops_per_step
@@ -73,7 +87,7 @@ class TrainResult:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: str | None = None
     skipped_iterations: int = 0
-    model: MambaModel | None = None
+    model: MambaModel | None = None  # this rank's stage under pipeline parallelism
     optimizer: TrainOptimizer | None = None
     config: HybridConfig | None = None
     tokenizer: Any = None
@@ -110,9 +124,10 @@ def _setup_distributed(run: RunConfig) -> _Env:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if p.tensor_model_parallel_size > 1:
-        raise ConfigError(f"--tensor-model-parallel-size {p.tensor_model_parallel_size} needs as many processes; "
-                          "launch with torchrun --nproc_per_node N")
+    for flag, size in (("--tensor-model-parallel-size", p.tensor_model_parallel_size),
+                       ("--pipeline-model-parallel-size", p.pipeline_model_parallel_size)):
+        if size > 1:
+            raise ConfigError(f"{flag} {size} needs as many processes; launch with torchrun --nproc_per_node N")
     return _Env(device, ParallelGroups.single(), 0, 1, False)
 
 
@@ -177,13 +192,31 @@ def _build_scheduler(run: RunConfig, resolved: ResolvedRun) -> OptimizerParamSch
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def forward_step(model: MambaModel, batch: dict[str, torch.Tensor], bf16: bool) -> torch.Tensor:
-    """Sum over the micro batch of the masked per-token loss (fp32 scalar)."""
+def forward_step(model: MambaModel, batch: dict[str, torch.Tensor], bf16: bool,
+                 hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over the micro batch of the masked per-token loss (fp32 scalar).
+
+    On a pipeline stage without the output layer: the stage's output hidden states instead; a stage without the
+    embedding takes the previous stage's ``hidden_states``.
+    """
     device_type = batch["tokens"].device.type
+    pre_process, post_process = getattr(model, "pre_process", True), getattr(model, "post_process", True)
     with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
-        losses = model(batch["tokens"], labels=batch["labels"], seq_idx=batch.get("seq_idx"),
-                       position_ids=batch.get("position_ids"))
-    return (losses.float() * batch["loss_mask"]).sum()
+        output = model(batch["tokens"] if pre_process else None, labels=batch["labels"] if post_process else None,
+                       seq_idx=batch.get("seq_idx"), position_ids=batch.get("position_ids"),
+                       hidden_states=hidden_states)
+    if not post_process:
+        return output
+    return (output.float() * batch["loss_mask"]).sum()
+
+
+def stage_io(model: MambaModel, run: RunConfig, device: torch.device) -> StageIO:
+    """What pipeline stages pass each other: ``[s, b, h]`` hidden states (``s / tp`` under sequence parallelism),
+    float32 with ``residual_in_fp32`` (the residual stream) else in the parameters' dtype."""
+    config, t = model.config, run.training
+    seq = t.seq_length // model.groups.tp_size if config.sequence_parallel else t.seq_length
+    dtype = torch.float32 if config.residual_in_fp32 else config.params_dtype
+    return StageIO((seq, t.micro_batch_size, config.hidden_size), dtype, device)
 
 
 def _all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -215,11 +248,13 @@ def train_step(model: MambaModel, optimizer: TrainOptimizer, batches: Sequence[d
         local_tokens += batch["loss_mask"].sum(dtype=torch.float64)
     total_tokens = float(_all_reduce_sum(local_tokens, groups.dp_cp))
     scale = 1.0 / max(total_tokens, 1.0)
+    micro_losses = forward_backward_pipelining(
+        lambda index, hidden: forward_step(model, batches[index], t.bf16, hidden), len(batches), groups,
+        stage_io(model, run, device), loss_scale=scale)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in batches:
-        micro_loss = forward_step(model, batch, t.bf16)
-        (micro_loss * scale).backward()
-        loss_sum += micro_loss.detach().double()
+    for micro_loss in micro_losses:  # the last stage's; empty on the others until the broadcast
+        loss_sum += micro_loss.double()
+    broadcast_from_last_stage(loss_sum, groups)
     optimizer.reduce_gradients()
     lm_loss = float(_all_reduce_sum(loss_sum, groups.dp_cp)) / max(total_tokens, 1.0)
     if not math.isfinite(lm_loss):
@@ -237,13 +272,24 @@ def evaluate(model: MambaModel, dataset: Any, run: RunConfig, resolved: Resolved
         iterator = micro_batches(dataset, run, env.groups, 0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         tokens = torch.zeros((), dtype=torch.float64, device=env.device)
-        for _ in range(run.training.eval_iters * resolved.num_microbatches):
-            batch = next(iterator, None)
-            if batch is None:
+        io = stage_io(model, run, env.device)
+        for _ in range(run.training.eval_iters):  # one global batch at a time through the (forward-only) pipeline
+            batches = []
+            for _ in range(resolved.num_microbatches):
+                batch = next(iterator, None)  # every pipeline stage reads the same data, so all stop together
+                if batch is None:
+                    break
+                batches.append(_to_device(batch, env.device))
+            losses = forward_only_pipelining(
+                lambda index, hidden, batches=batches: forward_step(model, batches[index], run.training.bf16, hidden),
+                len(batches), env.groups, io)
+            for micro_loss in losses:
+                loss_sum += micro_loss.double()
+            for batch in batches:
+                tokens += batch["loss_mask"].sum(dtype=torch.float64)
+            if len(batches) < resolved.num_microbatches:
                 break
-            batch = _to_device(batch, env.device)
-            loss_sum += forward_step(model, batch, run.training.bf16).double()
-            tokens += batch["loss_mask"].sum(dtype=torch.float64)
+        broadcast_from_last_stage(loss_sum, env.groups)
         _all_reduce_sum(loss_sum, env.groups.dp_cp)
         _all_reduce_sum(tokens, env.groups.dp_cp)
     finally:
@@ -355,20 +401,29 @@ def _pretrain(run: RunConfig, env: _Env, on_iteration: Callable[[dict[str, Any]]
     resolved = resolve(run, env.world_size)
     for note in run.notes:
         _print0(env, f"note: {note}")
-    _seed_everything(t.seed + 100 * groups.pp_rank)
+    # Every stage starts from the run's seed: build_pipeline_stage replays the draws of the layers before it, so any
+    # pipeline size starts from the weights of the pipeline-size-1 model. Afterwards each stage gets its own stream
+    # (Megatron's seed + 100 x pipeline rank) so stages do not share dropout masks.
+    _seed_everything(t.seed)
 
     tokenizer = _build_tokenizer(run)
     config = run.model_config(tokenizer.vocab_size)
-    model = MambaModel(config, groups).to(env.device)
+    model = build_pipeline_stage(config, groups).to(env.device)
+    if groups.pp_size > 1:
+        _seed_everything(t.seed + 100 * groups.pp_rank)
+    initialize_pipeline_communication(groups, env.device)
+    sync_tied_embedding_weights(model, groups)
     if groups.dp_cp is not None:  # identical initialisation is by construction; this makes it a guarantee
         broadcast_parameters(list(model.parameters()), groups.dp_cp)
     optimizer = TrainOptimizer(model, groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                distributed=run.parallel.use_distributed_optimizer)
     scheduler = _build_scheduler(run, resolved)
     n_params = sum(p.numel() for p in model.parameters())
-    _print0(env, f"> model: {config.layer_pattern} ({n_params / 1e6:.2f}M parameters on this rank), vocab "
+    stage = "" if groups.pp_size == 1 else f", pipeline stage 0 holds layers {model.decoder.layer_range}"
+    _print0(env, f"> model: {config.layer_pattern} ({n_params / 1e6:.2f}M parameters on this rank{stage}), vocab "
                  f"{tokenizer.vocab_size} (padded {config.padded_vocab_size}); world {env.world_size} = tp "
-                 f"{groups.tp_size} x dp {groups.dp_size}; global batch {resolved.global_batch_size} = micro "
+                 f"{groups.tp_size} x dp {groups.dp_size} x pp {groups.pp_size}; global batch "
+                 f"{resolved.global_batch_size} = micro "
                  f"{t.micro_batch_size} x dp {resolved.data_parallel_size} x {resolved.num_microbatches} "
                  f"accumulation; {resolved.train_iters} iterations")
 

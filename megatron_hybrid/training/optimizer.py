@@ -12,9 +12,13 @@ Gradient flow of one optimizer step (all explicit calls of the training loop, no
    gradients over the tensor-parallel group;
 3. :func:`allreduce_gradients` sums the gradients over the data(-x-context)-parallel group in flat buckets
    (DDP's bucketed all-reduce, done once after accumulation rather than overlapped);
-4. :meth:`TrainOptimizer.clip_and_step` computes the global gradient norm (tensor-parallel shards summed over the
-   TP group, TP-replicated parameters counted once), skips the step if it is NaN/Inf, clips, steps AdamW and, under
-   ``--use-distributed-optimizer``, broadcasts each parameter from the data-parallel rank that owns its Adam state.
+4. with a pipeline and tied embeddings, the first stage's embedding and the last stage's output-weight copy swap
+   and sum their gradients (:func:`megatron_hybrid.parallel.tied_embeddings.allreduce_tied_embedding_grads`);
+5. :meth:`TrainOptimizer.clip_and_step` computes the global gradient norm (tensor-parallel shards summed over the
+   TP group, TP-replicated parameters and the tied copy counted once, stages summed over the pipeline group), skips
+   the step if it is NaN/Inf (the norm is the same on every rank, so all skip together), clips, steps AdamW and,
+   under ``--use-distributed-optimizer``, broadcasts each parameter from the data-parallel rank that owns its Adam
+   state.
 
 ZeRO-1 here shards the optimizer states by *whole parameters*: parameters are assigned to data-parallel ranks
 greedily by size, each rank keeps Adam states only for its own. Checkpoints name the states by parameter, so they
@@ -32,6 +36,7 @@ from torch import nn
 
 from megatron_hybrid.parallel.sharding import is_tensor_parallel
 from megatron_hybrid.parallel.state import ParallelGroups
+from megatron_hybrid.parallel.tied_embeddings import allreduce_tied_embedding_grads, is_shared_embedding_copy
 
 __all__ = [
     "TrainOptimizer",
@@ -113,9 +118,12 @@ def global_grad_norm(params: Sequence[nn.Parameter], groups: ParallelGroups) -> 
     """L2 norm of all gradients of the model (fp32 scalar), as a TP=1 model would compute it.
 
     Tensor-parallel shards are disjoint slices, so their squares are summed over the TP group; parameters replicated
-    across TP ranks are counted on TP rank 0 only. Collective over ``groups.tp`` (and later ``groups.pp``).
+    across TP ranks are counted on TP rank 0 only. Pipeline stages hold disjoint parameters, so their squares are
+    summed over the pipeline group, except the last stage's copy of a tied embedding (the first stage counts the
+    embedding). Collective over ``groups.tp`` and ``groups.pp``.
     """
-    grads = [p.grad for p in params if p.grad is not None and (is_tensor_parallel(p) or groups.tp_rank == 0)]
+    grads = [p.grad for p in params if p.grad is not None and not is_shared_embedding_copy(p)
+             and (is_tensor_parallel(p) or groups.tp_rank == 0)]
     device = params[0].device if params else torch.device("cpu")
     if grads:
         norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])  # one fused launch per dtype/device
@@ -190,11 +198,13 @@ class TrainOptimizer:
             p.grad = None
 
     def reduce_gradients(self) -> None:
-        """Sequence-parallel (TP) then data-parallel gradient sums (steps 2 and 3 of the module docstring)."""
+        """Sequence-parallel (TP), data-parallel, then tied-embedding (PP) gradient sums (steps 2 to 4 of the module
+        docstring)."""
         from megatron_hybrid.parallel.grads import allreduce_sequence_parallel_grads
 
         allreduce_sequence_parallel_grads(self.model, self.groups)
         allreduce_gradients(self.params, self.groups.dp_cp)
+        allreduce_tied_embedding_grads(self.model, self.groups)
 
     @torch.no_grad()
     def clip_and_step(self, clip_grad: float) -> tuple[float, bool]:

@@ -8,7 +8,7 @@ import torch
 from engine_testlib import TOLERANCE, make_model, random_ids, relative_error
 
 from megatron_hybrid.inference import InferenceEngine, SamplingParams
-from megatron_hybrid.inference.model_runner import graph_buckets
+from megatron_hybrid.inference.model_runner import ModelRunner, graph_buckets, set_decode_fusions
 
 pytestmark = [
     pytest.mark.gpu,
@@ -64,3 +64,59 @@ def test_gpu_cached_decode_matches_full_forward() -> None:
         expected = log_probs.gather(-1, torch.tensor(output.token_ids, device="cuda")[:, None])[:, 0].cpu()
         # The Triton scan may round through TF32 inside its float32 matmuls: a looser bound than the CPU tests'.
         assert relative_error(torch.tensor(output.logprobs), expected) <= 100 * TOLERANCE
+
+
+def _fusion_settings() -> dict[str, dict[str, bool]]:
+    return {
+        "fused": dict(mamba=True, attention=True, residual=True),
+        "unfused": dict(mamba=False, attention=False, residual=False),
+    }
+
+
+def test_greedy_fast_path_with_cuda_graphs_matches_eager_and_the_unfused_decode() -> None:
+    """All-greedy requests without log-probs take ``decode_greedy`` (argmax inside the graph); graphs and eager give
+    the same tokens, and the fused decode kernels (Triton attention, residual carried into the norms, fused Mamba
+    step) the tokens of the unfused path; log-probs of fused and unfused agree to float32 rounding."""
+    model = make_model("hybrid_rope_swiglu_bias").cuda()
+    prompts = [random_ids(model.config.vocab_size, n, seed=n) for n in (4, 19, 11, 19)]
+    results = {}
+    try:
+        for name, fusions in _fusion_settings().items():
+            set_decode_fusions(model, **fusions)
+            for graphs in (False, True):
+                engine = InferenceEngine(model, max_batch_size=3, max_sequence_length=64, use_cuda_graphs=graphs)
+                greedy = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0))
+                scored = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=True))
+                assert [o.token_ids for o in greedy] == [o.token_ids for o in scored]
+                results[name, graphs] = scored
+    finally:
+        set_decode_fusions(model)
+    reference = results["unfused", False]
+    for key, outputs in results.items():
+        for output, expected in zip(outputs, reference):
+            assert output.token_ids == expected.token_ids, key
+            assert torch.allclose(torch.tensor(output.logprobs), torch.tensor(expected.logprobs), atol=1e-4), key
+
+
+@pytest.mark.parametrize("variant", ["hybrid_rope_swiglu_bias", "hybrid_gelu_fp32_residual_tied"])
+def test_bf16_decode_fusions_match_the_unfused_step(variant: str) -> None:
+    """bf16 (the benchmark's precision): a prefill, then decode steps from identical caches with every fusion on and
+    off; logits agree to bf16 rounding and the caches written by the steps to one bf16 rounding step."""
+    model = make_model(variant).to(device="cuda", dtype=torch.bfloat16)
+    vocab = model.config.vocab_size
+    prompts = torch.tensor([random_ids(vocab, 9, seed=s) for s in range(3)], device="cuda")
+    runs = {}
+    try:
+        for name, fusions in _fusion_settings().items():
+            set_decode_fusions(model, **fusions)
+            runner = ModelRunner(model, max_batch_size=4, max_sequence_length=32)
+            runner.prefill(0, prompts)
+            logits = [runner.decode([1 + step, 2, 3], [9 + step] * 3, 10 + step).float() for step in range(4)]
+            runs[name] = logits, [t.float().clone() for pair in runner.context.kv.values() for t in pair]
+    finally:
+        set_decode_fusions(model)
+    (fused, fused_kv), (unfused, unfused_kv) = runs["fused"], runs["unfused"]
+    for step, (a, b) in enumerate(zip(fused, unfused)):
+        assert relative_error(a, b) <= 3e-2, f"step {step}"
+    for a, b in zip(fused_kv, unfused_kv):
+        assert relative_error(a, b) <= 3e-2

@@ -163,3 +163,48 @@ def test_stream_of_several_prompts(srv):
 def test_legacy_completions_path(srv):
     status, body = call(srv, "POST", "/completions", {"prompt": "x", "max_tokens": 2, "temperature": 0})
     assert status == 200 and body["object"] == "text_completion"
+
+
+def assert_logprobs_equal(got: dict, want: dict) -> None:
+    """Same tokens and offsets exactly; log-probabilities within 1e-4 (a batch of other shape may round differently),
+    ``null`` exactly where the other has ``null``."""
+    assert got["tokens"] == want["tokens"]
+    assert got["text_offset"] == want["text_offset"]
+    assert [x is None for x in got["token_logprobs"]] == [x is None for x in want["token_logprobs"]]
+    assert [x for x in got["token_logprobs"] if x is not None] == pytest.approx(
+        [x for x in want["token_logprobs"] if x is not None], abs=1e-4)
+    assert [None if d is None else list(d) for d in got["top_logprobs"]] == [
+        None if d is None else list(d) for d in want["top_logprobs"]]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0, "seed": 5}, {"temperature": 0.8, "top_k": 20, "seed": 11}],
+                         ids=["greedy", "seeded-sampling"])
+def test_stream_echo_logprobs_equal_the_plain_answer(srv, sampling):
+    """OpenAI's legacy echo: the stream's first chunk of each choice carries the prompt's text and its tokens'
+    log-probabilities (the first one ``null``), later chunks the generated tokens; concatenated per choice they equal
+    the non-streamed answer, which itself matches the engine alone."""
+    prompts = ["def run(self):", "x = [1, 2"]
+    req = {"prompt": prompts, "max_tokens": 12, "echo": True, "logprobs": 1, **sampling}
+    status, plain = call(srv, "POST", "/v1/completions", req)
+    assert status == 200, plain
+    status, events = sse_events(srv, "/v1/completions", {**req, "stream": True})
+    assert status == 200 and events[-1] == "[DONE]"
+    tok = srv.tokenizer
+    for index, (prompt, want) in enumerate(zip(prompts, plain["choices"])):
+        ids = tok.tokenize(prompt)
+        n = len(ids)
+        lp = want["logprobs"]
+        ref = srv.reference(ids, max_new_tokens=0, prompt_logprobs=True)
+        assert lp["tokens"][:n] == [tok.detokenize([t]) for t in ids]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:n] == pytest.approx(ref.prompt_logprobs, abs=1e-4)
+        assert len(lp["tokens"]) > n  # generated tokens follow the prompt's
+        chunks = [e["choices"][0] for e in events[:-1] if e["choices"][0]["index"] == index]
+        first = chunks[0]["logprobs"]
+        assert chunks[0]["text"].startswith(prompt) and first["tokens"][:n] == lp["tokens"][:n]
+        assert None not in first["token_logprobs"][1:n]  # sent with the echo, not null for want of the end
+        assert len(chunks) >= 3  # the generation is really streamed after the echo
+        streamed = {key: [x for c in chunks for x in c["logprobs"][key]] for key in lp}
+        assert_logprobs_equal(streamed, lp)
+        assert "".join(c["text"] for c in chunks) == want["text"]
+        assert [c["finish_reason"] for c in chunks][-1] == want["finish_reason"]

@@ -613,3 +613,20 @@ def test_bf16_autocast_training_step_on_cpu() -> None:
     loss.backward()
     assert abs(loss.item() - reference.item()) <= 2e-2 * abs(reference.item())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+def test_model_converted_to_bfloat16_after_building_runs_in_bfloat16(residual_in_fp32: bool) -> None:
+    """``model.to(torch.bfloat16)`` after building a float32 model (the usual inference recipe): the stack must read
+    the parameters' dtype, not the config's float32, or the output layer sees float32 activations."""
+    config = HybridConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                          vocab_size=48, hybrid_override_pattern="M*-M", mamba_state_dim=8, mamba_head_dim=8,
+                          mamba_num_groups=2, mamba_chunk_size=8, residual_in_fp32=residual_in_fp32)
+    torch.manual_seed(0)
+    model = MambaModel(config)
+    ids = torch.randint(0, 48, (2, 11))
+    with torch.no_grad():
+        reference = model(ids)
+        logits = model.to(torch.bfloat16)(ids)
+    assert logits.dtype == torch.bfloat16
+    assert ((logits.float() - reference).norm() / reference.norm()).item() < 5e-2

@@ -41,6 +41,8 @@ needs_interpreter = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tconv():
     """The kernel module, (re)imported with the interpreter on."""
+    if INTERPRETED:  # an earlier module's teardown may have cleared it; ``triton.jit`` reads it when decorating
+        os.environ["TRITON_INTERPRET"] = "1"
     try:
         module = importlib.reload(sys.modules[MODULE]) if MODULE in sys.modules else importlib.import_module(MODULE)
     except ImportError as exc:  # e.g. a triton without tl.gather
@@ -52,6 +54,13 @@ def tconv():
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+@pytest.fixture(params=["two_pass", "recompute"])
+def bwd_mode(tconv, request, monkeypatch):
+    """Both backward algorithms of the kernel module (``BWD_MODE``), which must agree with the reference alike."""
+    monkeypatch.setattr(tconv, "BWD_MODE", request.param)
+    return request.param
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
@@ -115,7 +124,7 @@ def _check(got, want, dtype):
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_forward_and_gradients_with_documents(tconv, dtype):
+def test_forward_and_gradients_with_documents(tconv, bwd_mode, dtype):
     got, want = _run(tconv, 2, 37, 24, 4, dtype, documents=True)
     _check(got, want, dtype)
 
@@ -130,19 +139,101 @@ def test_forward_and_gradients_with_documents(tconv, dtype):
         (2, 29, 12, 3, True, "silu"),  # odd width
     ],
 )
-def test_edge_shapes(tconv, b, l, d, w, bias, activation):
+def test_edge_shapes(tconv, bwd_mode, b, l, d, w, bias, activation):
     got, want = _run(tconv, b, l, d, w, torch.float32, bias=bias, activation=activation, documents=l > 3)
     _check(got, want, torch.float32)
 
 
 @needs_interpreter
-def test_many_tiles_and_programs(tconv, monkeypatch):
+def test_many_tiles_and_programs(tconv, bwd_mode, monkeypatch):
     """Several forward tiles, backward tiles per program and backward programs, and a partial channel block."""
-    monkeypatch.setattr(tconv, "BWD_ROWS_PER_PROGRAM", 64)  # one tile per backward program -> 3 programs
+    monkeypatch.setattr(tconv, "BWD_ROWS_PER_PROGRAM", 64)  # 150 rows -> 3 backward programs, the last one partial
     got, want = _run(tconv, 2, 150, tconv.BWD_BLOCK_D + 6, 4, torch.float32, documents=True, seed=1)
     _check(got, want, torch.float32)
     monkeypatch.setattr(tconv, "BWD_ROWS_PER_PROGRAM", 256)  # all tiles of a row in one program
     got, want = _run(tconv, 1, 130, 16, 4, torch.bfloat16, documents=True, seed=2)
+    _check(got, want, torch.bfloat16)
+
+
+def _documents_at_tile_edges(b: int, l: int, edge: int) -> torch.Tensor:
+    """Row 0: boundaries exactly at a tile edge, one row before and one after it, and a one-token document;
+    other rows: a single boundary in the middle of a tile."""
+    seq_idx = torch.zeros(b, l, dtype=torch.int64)
+    for start, doc in ((edge - 1, 1), (edge, 2), (edge + 1, 3), (2 * edge, 4), (2 * edge + 1, 5)):
+        if start < l:
+            seq_idx[0, start:] = doc
+    seq_idx[1:, edge // 2:] = 9
+    return seq_idx
+
+
+@needs_interpreter
+@pytest.mark.parametrize("block_l, block_d, rows_per_program", [(16, 16, 16), (16, 16, 48), (32, 8, 64)])
+@pytest.mark.parametrize("bias, activation", [(True, "silu"), (False, "silu"), (True, None), (False, None)])
+def test_backward_tilings(tconv, bwd_mode, monkeypatch, block_l, block_d, rows_per_program, bias, activation):
+    """Each backward tiling (1 or several tiles per program, a last program with fewer tiles, partial tiles and channel
+    blocks) with every bias/activation variant, documents starting at, just before and just after tile edges."""
+    monkeypatch.setattr(tconv, "BWD_BLOCK_L", block_l)
+    monkeypatch.setattr(tconv, "BWD_BLOCK_D", block_d)
+    monkeypatch.setattr(tconv, "BWD_ROWS_PER_PROGRAM", rows_per_program)
+    monkeypatch.setattr(tconv, "DX_BLOCK_L", block_l)  # two_pass's second kernel: partial tiles and blocks too
+    monkeypatch.setattr(tconv, "DX_BLOCK_D", block_d)
+    b, l, d, w = 2, 3 * block_l + 5, 2 * block_d + 3, 4  # odd length, d not a multiple of the channel block
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(b, l, d + 7, generator=gen)[..., 3:3 + d].detach().requires_grad_()
+    weight = (torch.randn(d, w, generator=gen) / 2).requires_grad_()
+    b_ = torch.randn(d, generator=gen).requires_grad_() if bias else None
+    grad = torch.randn(b, l, d, generator=gen)
+    for seq_idx in (None, _documents_at_tile_edges(b, l, block_l)):
+        for t in (x, weight, b_):
+            if t is not None:
+                t.grad = None
+        out = tconv.causal_conv1d_channel_last_triton(x, weight, b_, activation, seq_idx=seq_idx)
+        out.backward(grad)
+        got = (out.detach(), x.grad, weight.grad, b_.grad if bias else None)
+        x64 = x.detach().double().requires_grad_()
+        w64 = weight.detach().double().requires_grad_()
+        b64 = b_.detach().double().requires_grad_() if bias else None
+        ref = ops.causal_conv1d_ref(x64.transpose(1, 2), w64, b64, activation, seq_idx=seq_idx).transpose(1, 2)
+        ref.backward(grad.double())
+        _check(got, (ref.detach(), x64.grad, w64.grad, b64.grad if bias else None), torch.float32)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("w", [1, 2, 5, 8])
+def test_kernel_widths(tconv, bwd_mode, monkeypatch, w):
+    """Widths other than Mamba's 4, up to MAX_WIDTH (taps unrolled at compile time; padded tap axis for 5)."""
+    monkeypatch.setattr(tconv, "BWD_BLOCK_L", 16)
+    monkeypatch.setattr(tconv, "BWD_ROWS_PER_PROGRAM", 32)
+    # (the reference cannot take documents at width 1: it stacks an empty list of tap masks)
+    got, want = _run(tconv, 2, 41, 12, w, torch.float32, documents=w > 1, seed=w)
+    _check(got, want, torch.float32)
+
+
+@needs_interpreter
+def test_backward_is_deterministic_and_takes_strided_grads(tconv, bwd_mode):
+    """Same inputs, bitwise-equal gradients (no atomics); a gradient without contiguous channels is accepted."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 45, 20, generator=gen).requires_grad_()
+    weight, bias = torch.randn(20, 4, generator=gen).requires_grad_(), torch.randn(20, generator=gen).requires_grad_()
+    grad = torch.randn(2, 20, 45, generator=gen).transpose(1, 2)  # stride(-1) != 1
+    seq_idx = _documents(2, 45)
+    runs = []
+    for _ in range(2):
+        out = tconv.causal_conv1d_channel_last_triton(x, weight, bias, "silu", seq_idx=seq_idx)
+        runs.append(torch.autograd.grad(out, (x, weight, bias), grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    ref = ops.causal_conv1d_ref(x.transpose(1, 2), weight, bias, "silu", seq_idx=seq_idx).transpose(1, 2)
+    for got, want in zip(runs[0], torch.autograd.grad(ref, (x, weight, bias), grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+def test_two_pass_with_a_bfloat16_dpre_buffer(tconv, monkeypatch):
+    """``DPRE_DTYPE`` bf16 (half the extra traffic of two_pass) rounds dpre once more: still within bf16 tolerance."""
+    monkeypatch.setattr(tconv, "BWD_MODE", "two_pass")
+    monkeypatch.setattr(tconv, "DPRE_DTYPE", torch.bfloat16)
+    got, want = _run(tconv, 2, 37, 24, 4, torch.bfloat16, documents=True, seed=13)
     _check(got, want, torch.bfloat16)
 
 

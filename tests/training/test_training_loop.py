@@ -102,9 +102,9 @@ def test_nan_steps_are_skipped_counted_and_abort(byte_data: str, monkeypatch, tm
     calls = {"n": 0}
     poisoned = {3, 4}  # micro-batch calls (micro 2 x acc 2 => iteration 2 is calls 3 and 4)
 
-    def flaky(model, batch, bf16):
+    def flaky(model, batch, bf16, hidden_states=None):
         calls["n"] += 1
-        loss = real(model, batch, bf16)
+        loss = real(model, batch, bf16, hidden_states)
         return loss * float("nan") if calls["n"] in poisoned else loss
 
     monkeypatch.setattr(loop_module, "forward_step", flaky)
