@@ -628,7 +628,7 @@ def _values_from_mapping(mapping: Mapping[str, Any], where: str) -> dict[str, An
 def _load_yaml(path: str) -> dict[str, Any]:
     try:
         import yaml
-    except ImportError:  # pragma: no cover - PyYAML is a core dependency
+    except ImportError:  # pragma: no cover - PyYAML is a core dependency (pyproject.toml)
         raise ConfigError("--yaml-cfg needs PyYAML (pip install pyyaml)") from None
     try:
         with open(path, encoding="utf-8") as f:
