@@ -39,7 +39,6 @@ from megatron_hybrid.ops.mamba_ssm_loader import (
     load_mamba_ssm_kernels,
     load_own_triton,
     load_triton_conv1d,
-    load_triton_decode,
 )
 from megatron_hybrid.ops.norm import add_rms_norm_ref, gated_rms_norm_ref, rms_norm_ref
 from megatron_hybrid.ops.ssd import check_ssd_shapes, ssd_chunk_scan_ref
@@ -485,6 +484,10 @@ def gated_rms_norm(
     )
 
 
+# (module, entry point, what it is called in messages) of the fused Mamba decode step
+_TRITON_DECODE = ("megatron_hybrid.ops.triton_decode", "mamba_decode_step_triton", "the fused Triton Mamba decode")
+
+
 def _own_triton_kernel(
     op: str, backend: str, tensor: torch.Tensor, module_name: str, entry: str, what: str, fallback: str
 ) -> Callable | None:
@@ -516,33 +519,9 @@ def _own_triton_kernel(
 
 
 def _fused_decode_kernel(op: str, backend: str, tensor: torch.Tensor) -> Callable | None:
-    """The fused Triton decode step for ``tensor`` (the in_proj output), or None for the unfused ops.
-
-    ``backend`` / ``MEGATRON_HYBRID_KERNELS`` = "torch" turns it off like every other kernel; "triton" on non-CUDA
-    tensors raises. Not under autograd: the fused step has no backward (decoding runs under inference_mode).
-    """
-    mode = _resolve(backend)
-    if mode == "torch":
-        return None
-    if tensor.device.type != "cuda":
-        if mode == "triton":
-            raise KernelUnavailableError(
-                f"{op}: backend 'triton' needs CUDA tensors, got device {tensor.device}; use backend='torch' or 'auto'"
-            )
-        return None
-    if tensor.dtype not in _KERNEL_DTYPES or (torch.is_grad_enabled() and tensor.requires_grad):
-        return None
-    try:
-        return load_triton_decode()
-    except KernelUnavailableError as exc:
-        if mode == "triton":
-            raise KernelUnavailableError(f"{op}: backend 'triton' requested but {exc}") from exc
-        _warn_once(
-            "triton_decode",
-            f"megatron_hybrid.ops.{op}: CUDA tensors, but the fused Triton decode step could not be loaded, so each "
-            f"Mamba decode step runs the unfused ops (~30 kernels per layer instead of 2). Reason: {exc}.",
-        )
-        return None
+    """The fused Triton decode step for ``tensor`` (the in_proj output), or None for the unfused ops."""
+    return _own_triton_kernel(op, backend, tensor, *_TRITON_DECODE,
+                              "each Mamba decode step runs the unfused ops (~30 kernels per layer instead of 2)")
 
 
 def mamba_decode_fused(
@@ -655,12 +634,8 @@ def kernel_backend_info() -> dict[str, Any]:
         info["triton_conv1d"] = {"available": True, "error": None}
     except KernelUnavailableError as exc:
         info["triton_conv1d"] = {"available": False, "error": str(exc)}
-    try:
-        load_triton_decode()
-        info["triton_decode"] = {"available": True, "error": None}
-    except KernelUnavailableError as exc:
-        info["triton_decode"] = {"available": False, "error": str(exc)}
     own = {
+        "triton_decode": _TRITON_DECODE,
         "triton_add_norm": ("megatron_hybrid.ops.triton_add_norm", "add_rms_norm_triton", "the Triton add + RMSNorm"),
         "triton_attention": ("megatron_hybrid.ops.triton_attention", "decode_attention_triton",
                              "the Triton decode attention"),

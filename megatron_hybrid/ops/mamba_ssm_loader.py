@@ -47,7 +47,6 @@ _lock = threading.Lock()
 _mamba_result: MambaSsmKernels | KernelUnavailableError | None = None
 _conv_result: CausalConv1dKernels | KernelUnavailableError | None = None
 _triton_conv_result: Callable | KernelUnavailableError | None = None
-_triton_decode_result: Callable | KernelUnavailableError | None = None
 _own_triton_results: dict[str, Callable | KernelUnavailableError] = {}  # module name -> entry point or failure
 
 
@@ -149,29 +148,9 @@ def load_triton_conv1d() -> Callable:
     return result
 
 
-def load_triton_decode() -> Callable:
-    """megatron_hybrid's fused Triton Mamba decode step (``ops.triton_decode.mamba_decode_step_triton``), or
-    ``KernelUnavailableError`` saying why not (cached). Importing it imports triton, so only CUDA calls get here."""
-    global _triton_decode_result
-    with _lock:
-        if _triton_decode_result is None:
-            try:
-                module = importlib.import_module("megatron_hybrid.ops.triton_decode")
-                if module.UNAVAILABLE_REASON is not None:
-                    raise KernelUnavailableError(module.UNAVAILABLE_REASON)
-                _triton_decode_result = module.mamba_decode_step_triton
-            except Exception as exc:
-                _triton_decode_result = KernelUnavailableError(
-                    f"the fused Triton Mamba decode is unavailable: {_describe(exc)}"
-                )
-        result = _triton_decode_result
-    if isinstance(result, KernelUnavailableError):
-        raise KernelUnavailableError(str(result))  # a fresh instance, for the reason given in load_triton_conv1d
-    return result
-
-
 def load_own_triton(module_name: str, entry: str, what: str) -> Callable:
-    """``entry`` of one of megatron_hybrid's own Triton modules (``ops.triton_add_norm``, ``ops.triton_attention``),
+    """``entry`` of one of megatron_hybrid's own Triton modules (``ops.triton_decode``, ``ops.triton_add_norm``,
+    ``ops.triton_attention``, ``ops.triton_gemv``),
     or ``KernelUnavailableError`` saying why not (cached per module). Such a module imports triton, so only CUDA
     calls get here; it sets ``UNAVAILABLE_REASON`` instead of failing to import. ``what`` names it in errors."""
     with _lock:
@@ -192,10 +171,9 @@ def load_own_triton(module_name: str, entry: str, what: str) -> Callable:
 
 def reset_kernel_cache() -> None:
     """Forget cached load results (tests, or after installing a package in a running process)."""
-    global _mamba_result, _conv_result, _triton_conv_result, _triton_decode_result
+    global _mamba_result, _conv_result, _triton_conv_result
     with _lock:
         _own_triton_results.clear()
         _mamba_result = None
         _conv_result = None
         _triton_conv_result = None
-        _triton_decode_result = None

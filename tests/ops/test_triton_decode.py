@@ -237,7 +237,7 @@ def test_dispatch_on_cpu_keeps_the_unfused_path(monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
     zx = torch.randn(2, 10)
     called = []
-    monkeypatch.setattr(backend, "load_triton_decode", lambda: called.append(1))
+    monkeypatch.setattr(backend, "load_own_triton", lambda *args: called.append(args))
     args = (zx, None, None, None, None, None, None, None, None)
     assert ops.mamba_decode_fused(*args, norm_group_size=1, eps=1e-5) is None
     assert ops.mamba_decode_fused(*args, norm_group_size=1, eps=1e-5, backend="torch") is None
@@ -257,7 +257,7 @@ def test_env_override_forces_the_torch_path_on_cuda_tensors(monkeypatch):
         requires_grad = False
 
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    monkeypatch.setattr(backend, "load_triton_decode", lambda: "kernel")
+    monkeypatch.setattr(backend, "load_own_triton", lambda *args: "kernel")
     assert backend._fused_decode_kernel("op", "auto", FakeCuda()) == "kernel"
     monkeypatch.setenv(ops.ENV_VAR, "torch")
     assert backend._fused_decode_kernel("op", "auto", FakeCuda()) is None
