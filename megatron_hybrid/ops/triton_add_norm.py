@@ -30,31 +30,14 @@ from megatron_hybrid.ops.mamba_ssm_loader import KernelUnavailableError
 
 __all__ = ["UNAVAILABLE_REASON", "add_rms_norm_triton"]
 
-try:
-    import triton
-    import triton.language as tl
-except Exception as exc:  # ImportError without triton; a broken installation may raise anything
-    triton = tl = None
-    UNAVAILABLE_REASON: str | None = f"triton cannot be imported ({type(exc).__name__}: {exc})"
-else:
-    UNAVAILABLE_REASON = None
+from megatron_hybrid.ops._triton_common import ROUND_KIND as _ROUND_KIND
+from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, tl, triton
 
 MAX_FUSED_BYTES = 65536  # one row per program, held in registers: the limit layernorm_gated uses too
 
 if triton is not None:
+    from megatron_hybrid.ops._triton_common import round_to_storage as _round
 
-    @triton.jit
-    def _round(x, KIND: tl.constexpr):
-        """Round float32 ``x`` to the storage dtype ``KIND`` (0 float32, 1 bfloat16, 2 float16), ties to even, kept
-        in float32. bfloat16 is rounded on the bits because Triton's interpreter truncates a float32 -> bfloat16
-        ``.to()`` while GPUs round to nearest; rounded first, the later cast is exact on both."""
-        if KIND == 1:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-        elif KIND == 2:
-            x = x.to(tl.float16).to(tl.float32)
-        return x
 
     @triton.jit
     def _add_rms_norm_kernel(
@@ -77,7 +60,6 @@ if triton is not None:
         tl.store(Y + row * N + cols, _round(y, X_ROUND).to(Y.dtype.element_ty), mask=mask)
 
 
-_ROUND_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def add_rms_norm_triton(

@@ -35,14 +35,8 @@ from megatron_hybrid.ops.mamba_ssm_loader import KernelUnavailableError
 
 __all__ = ["UNAVAILABLE_REASON", "decode_attention_triton"]
 
-try:
-    import triton
-    import triton.language as tl
-except Exception as exc:  # ImportError without triton; a broken installation may raise anything
-    triton = tl = None
-    UNAVAILABLE_REASON: str | None = f"triton cannot be imported ({type(exc).__name__}: {exc})"
-else:
-    UNAVAILABLE_REASON = None
+from megatron_hybrid.ops._triton_common import ROUND_KIND as _ROUND_KIND
+from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, tl, triton
 
 # Module globals, read at every call, so a benchmark can sweep them. A split of 512 keys keeps one program per
 # (row, kv head) for the 800M benchmark's 384-token cache (8 programs at batch 1, ~100 KB of keys and values each)
@@ -54,18 +48,8 @@ PRODUCT_ELEMENTS = 8192
 ATTENTION_WARPS = 4
 
 if triton is not None:
+    from megatron_hybrid.ops._triton_common import round_to_storage as _round
 
-    @triton.jit
-    def _round(x, KIND: tl.constexpr):
-        """Round float32 ``x`` to the storage dtype ``KIND`` (0 float32, 1 bfloat16, 2 float16), ties to even (on
-        the bits for bfloat16: Triton's interpreter truncates a float32 -> bfloat16 ``.to()``, GPUs round)."""
-        if KIND == 1:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-        elif KIND == 2:
-            x = x.to(tl.float16).to(tl.float32)
-        return x
 
     @triton.jit
     def _decode_attention_kernel(
@@ -174,7 +158,6 @@ if triton is not None:
                  mask=mask_d)
 
 
-_ROUND_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _pow2(n: int) -> int:

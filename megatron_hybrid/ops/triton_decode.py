@@ -43,14 +43,8 @@ from megatron_hybrid.ops.mamba_ssm_loader import KernelUnavailableError
 
 __all__ = ["UNAVAILABLE_REASON", "mamba_decode_step_triton"]
 
-try:
-    import triton
-    import triton.language as tl
-except Exception as exc:  # ImportError without triton; a broken installation may raise anything
-    triton = tl = None
-    UNAVAILABLE_REASON: str | None = f"triton cannot be imported ({type(exc).__name__}: {exc})"
-else:
-    UNAVAILABLE_REASON = None
+from megatron_hybrid.ops._triton_common import ROUND_KIND as _ROUND_KIND
+from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, tl, triton
 
 # Tile heuristics (module globals, read at every call, so a benchmark can sweep them). One program updates a
 # [BLOCK_P, d_state] slice of a head's state; ~2K elements keeps a 4-warp program at 16 float32 registers per thread
@@ -63,6 +57,8 @@ SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it so
 
 
 if triton is not None:
+    from megatron_hybrid.ops._triton_common import round_to_storage as _round
+
 
     @triton.jit
     def _log1p(e):
@@ -70,19 +66,6 @@ if triton is not None:
         # u - 1 is the exact part of e that survived the rounding of 1 + e.
         u = 1.0 + e
         return tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
-
-    @triton.jit
-    def _round(x, KIND: tl.constexpr):
-        """Round float32 ``x`` to the nearest value of the storage dtype ``KIND`` (0 float32, 1 bfloat16, 2 float16),
-        ties to even, kept in float32. The bfloat16 case is done on the bits because Triton's interpreter truncates
-        a float32 -> bfloat16 ``.to()`` while GPUs round to nearest; rounded first, the later cast is exact on both."""
-        if KIND == 1:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-        elif KIND == 2:
-            x = x.to(tl.float16).to(tl.float32)
-        return x
 
     @triton.jit
     def _conv_silu(
@@ -233,7 +216,6 @@ if triton is not None:
                           D_INNER, STATE_LEN, SL_PAD, CS_ROUND)
 
 
-_ROUND_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _round_kind(dtype: torch.dtype) -> int:

@@ -46,14 +46,7 @@ __all__ = [
     "shape_key",
 ]
 
-try:
-    import triton
-    import triton.language as tl
-except Exception as exc:  # ImportError without triton; a broken installation may raise anything
-    triton = tl = None
-    UNAVAILABLE_REASON: str | None = f"triton cannot be imported ({type(exc).__name__}: {exc})"
-else:
-    UNAVAILABLE_REASON = None
+from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, tl, triton
 
 # Kernels are interpreted when TRITON_INTERPRET is set at definition time (this import). The interpreter multiplies
 # bfloat16 tl.dot operands as raw bits (garbage results), so there the dot operands are upcast to float32 first.

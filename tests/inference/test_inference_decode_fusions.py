@@ -177,6 +177,8 @@ def gpu_path_on_cpu(monkeypatch):
     from megatron_hybrid.ops import backend, mamba_ssm_loader
 
     os.environ["TRITON_INTERPRET"] = "1"
+    # the shared jit helpers too: a kernel interpreted now must not call ones compiled for a GPU
+    importlib.reload(importlib.import_module("megatron_hybrid.ops._triton_common"))
     modules = {}
     for name in ("triton_decode", "triton_add_norm", "triton_attention"):
         full = f"megatron_hybrid.ops.{name}"

@@ -42,6 +42,8 @@ on_gpu = [
 
 def _interpreted(name: str):
     os.environ["TRITON_INTERPRET"] = "1"
+    # the shared jit helpers too: a kernel interpreted now must not call ones compiled for a GPU
+    importlib.reload(importlib.import_module("megatron_hybrid.ops._triton_common"))
     module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
     if module.UNAVAILABLE_REASON is not None:
         pytest.skip(module.UNAVAILABLE_REASON)

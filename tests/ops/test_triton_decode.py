@@ -43,6 +43,8 @@ needs_interpreter = pytest.mark.skipif(
 def tdecode():
     """The kernel module, (re)imported with the interpreter on (another test module's teardown may have unset it)."""
     os.environ["TRITON_INTERPRET"] = "1"
+    # the shared jit helpers too: a kernel interpreted now must not call ones compiled for a GPU
+    importlib.reload(importlib.import_module("megatron_hybrid.ops._triton_common"))
     module = importlib.reload(sys.modules[MODULE]) if MODULE in sys.modules else importlib.import_module(MODULE)
     if module.UNAVAILABLE_REASON is not None:
         pytest.skip(module.UNAVAILABLE_REASON)
