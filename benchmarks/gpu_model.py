@@ -1,9 +1,9 @@
 """GPU benchmark of whole layers and the whole model (run by hand on an H100/H200; not a test).
 
 0. Triton conv1d alone (``--parts conv``): our Triton causal conv at the layer shape; sweeps the forward tiles and
-   both backward algorithms (``BWD_MODE`` two_pass / recompute, their tiles and rows per program) by GPU time, keeps
-   the fastest settings in ``ops.triton_conv1d`` for the rest of the run and prints them (``chosen``) to copy into the
-   module; bf16 correctness of both algorithms against the reference; the old float32 PyTorch fallback for scale.
+   the backward's (both passes' tiles, rows per program) by GPU time, keeps the fastest settings in
+   ``ops.triton_conv1d`` for the rest of the run and prints them (``chosen``) to copy into the module; bf16
+   correctness against the reference; the old float32 PyTorch fallback for scale.
 1. Breakdown (``--parts breakdown``): torch.profiler (CUDA activity) over a few MambaLayer forward+backward passes at
    the 800M layer shape and over the bare ``mamba_chunk_scan_combined`` on the same shapes: top kernels by total time
    (name, calls, ms per iteration), the kernel sum, per-category sums, and the GPU idle time of the layer.
@@ -237,8 +237,8 @@ def gpu_ms(fn, iters: int = 20, warmup: int = 3) -> float:
 
 
 CONV_FWD_CONFIGS = ((32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 64, 4), (64, 128, 8), (16, 256, 4))
-# (BLOCK_L, BLOCK_D, warps) of the recompute kernel / two_pass's pass 1: 8 fp32 elements per thread compile without
-# spills on sm_90 (ptxas: 128-136 registers for pass 1, ~220 for recompute); (32, 64, 4) is 16 per thread (~244).
+# (BLOCK_L, BLOCK_D, warps) of the backward's pass 1: 8 fp32 elements per thread compile without spills on sm_90
+# (ptxas: 128-136 registers); (32, 64, 4) is 16 per thread.
 CONV_BWD_CONFIGS = ((16, 64, 4), (32, 32, 4), (16, 128, 8), (16, 32, 2), (32, 64, 8), (32, 64, 4))
 CONV_DX_CONFIGS = ((32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 64, 4), (64, 128, 8))
 CONV_ROWS_PER_PROGRAM = (128, 256, 512)
@@ -249,11 +249,11 @@ def triton_conv(batch: int = 4, seqlen: int = 4096) -> dict:
 
     Layer shape: xBC = channels [d_inner + 2 * ngroups * d_state] = 4096 of in_proj's [b, L, 6176] bf16 output
     (a strided view, read in place), float32 weight [4096, 4] and bias (autocast training), SiLU. Sweeps the forward
-    tiles, then each backward algorithm (``BWD_MODE`` two_pass: pass-1 tiles, pass-2 tiles, rows per program;
-    recompute: tiles, rows per program) by GPU time (``gpu_ms``), and LEAVES THE FASTEST SETTINGS in the module for
-    the rest of this run (the ``layer``, ``breakdown`` and ``train`` parts then use them); ``chosen`` says which, to
-    copy into ``ops/triton_conv1d.py``. Then checks bf16 results against the reference (float32 math on the same bf16
-    inputs), with and without documents, for both algorithms, and times the previous float32 PyTorch fallback.
+    tiles, then the backward's (pass-1 tiles, pass-2 tiles, rows per program) by GPU time (``gpu_ms``), and LEAVES
+    THE FASTEST SETTINGS in the module for the rest of this run (the ``layer``, ``breakdown`` and ``train`` parts then
+    use them); ``chosen`` says which, to copy into ``ops/triton_conv1d.py``. Then checks bf16 results against the
+    reference (float32 math on the same bf16 inputs), with and without documents, and times the previous float32
+    PyTorch fallback.
     """
     from megatron_hybrid.ops import causal_conv1d_ref
     from megatron_hybrid.ops import triton_conv1d as tc
@@ -272,7 +272,7 @@ def triton_conv(batch: int = 4, seqlen: int = 4096) -> dict:
     seq_idx[0, 2100:] = 2
     if batch > 1:
         seq_idx[1, 128:] = 1
-    names = ("FWD_BLOCK_L", "FWD_BLOCK_D", "FWD_WARPS", "BWD_MODE", "BWD_BLOCK_L", "BWD_BLOCK_D", "BWD_WARPS",
+    names = ("FWD_BLOCK_L", "FWD_BLOCK_D", "FWD_WARPS", "BWD_BLOCK_L", "BWD_BLOCK_D", "BWD_WARPS",
              "BWD_ROWS_PER_PROGRAM", "DX_BLOCK_L", "DX_BLOCK_D", "DX_WARPS", "DPRE_DTYPE")
     defaults = {n: getattr(tc, n) for n in names}
 
@@ -321,44 +321,27 @@ def triton_conv(batch: int = 4, seqlen: int = 4096) -> dict:
 
     res: dict = {"shape": [batch, seqlen, d], "x_strides": list(x.stride()), "defaults": {
         n: str(v) for n, v in defaults.items()}, "sweep_ms": {}}
-    # Ideal: read x and write out (fwd); read x and dout, write dx (bwd); two_pass adds a float32 dpre write + read.
+    # Ideal: read x, write out (fwd); read x and dout, write dx (bwd); the two passes add a float32 dpre write + read.
     res["bytes_fwd_GB"] = round(2 * x.numel() * 2 / 1e9, 3)
     res["bytes_bwd_single_pass_GB"] = round(3 * x.numel() * 2 / 1e9, 3)
     res["bytes_bwd_two_pass_fp32_GB"] = round((3 * 2 + 2 * 4) * x.numel() / 1e9, 3)
     try:
         fwd_best = sweep("fwd", CONV_FWD_CONFIGS,
                          lambda c: setm(FWD_BLOCK_L=c[0], FWD_BLOCK_D=c[1], FWD_WARPS=c[2]), lambda: triton_fwd())
-        modes = {}
-        setm(BWD_MODE="two_pass", BWD_ROWS_PER_PROGRAM=defaults["BWD_ROWS_PER_PROGRAM"])
-        p1 = sweep("two_pass_p1", CONV_BWD_CONFIGS,
+        sweep("bwd_p1", CONV_BWD_CONFIGS,
                    lambda c: setm(BWD_BLOCK_L=c[0], BWD_BLOCK_D=c[1], BWD_WARPS=c[2]), bwd_only)
-        p2 = sweep("two_pass_p2", CONV_DX_CONFIGS,
+        sweep("bwd_p2", CONV_DX_CONFIGS,
                    lambda c: setm(DX_BLOCK_L=c[0], DX_BLOCK_D=c[1], DX_WARPS=c[2]), bwd_only)
-        rows = sweep("two_pass_rows", CONV_ROWS_PER_PROGRAM, lambda r: setm(BWD_ROWS_PER_PROGRAM=r), bwd_only)
-        modes["two_pass"] = (rows[1], dict(BWD_MODE="two_pass", BWD_BLOCK_L=p1[0][0], BWD_BLOCK_D=p1[0][1],
-                                           BWD_WARPS=p1[0][2], DX_BLOCK_L=p2[0][0], DX_BLOCK_D=p2[0][1],
-                                           DX_WARPS=p2[0][2], BWD_ROWS_PER_PROGRAM=rows[0]))
+        rows = sweep("bwd_rows", CONV_ROWS_PER_PROGRAM, lambda r: setm(BWD_ROWS_PER_PROGRAM=r), bwd_only)
         setm(DPRE_DTYPE=torch.bfloat16)  # informational: half the extra traffic, one more bf16 rounding of dpre
-        res["two_pass_bf16_dpre_bwd_ms"] = gpu_ms(bwd_only)
+        res["bf16_dpre_bwd_ms"] = gpu_ms(bwd_only)
         setm(DPRE_DTYPE=torch.float32)
-        setm(BWD_MODE="recompute", BWD_ROWS_PER_PROGRAM=defaults["BWD_ROWS_PER_PROGRAM"])
-        rc = sweep("recompute", CONV_BWD_CONFIGS,
-                   lambda c: setm(BWD_BLOCK_L=c[0], BWD_BLOCK_D=c[1], BWD_WARPS=c[2]), bwd_only)
-        rows = sweep("recompute_rows", CONV_ROWS_PER_PROGRAM, lambda r: setm(BWD_ROWS_PER_PROGRAM=r), bwd_only)
-        modes["recompute"] = (rows[1], dict(BWD_MODE="recompute", BWD_BLOCK_L=rc[0][0], BWD_BLOCK_D=rc[0][1],
-                                            BWD_WARPS=rc[0][2], BWD_ROWS_PER_PROGRAM=rows[0]))
-        res["best_bwd_ms"] = {mode: ms for mode, (ms, _) in modes.items()}
-        best_mode = min(modes, key=lambda m: modes[m][0])
-        setm(**modes[best_mode][1])
+        res["best_bwd_ms"] = rows[1]
         res["best_fwd_ms"] = fwd_best[1]
-        # Correctness of both algorithms at their best settings (then the winner stays set).
-        for mode in modes:
-            setm(**modes[mode][1])
-            for name, seq in (("plain", None), ("documents", seq_idx)):
-                got, want = grads(triton_fwd, seq), grads(torch_fwd, seq)
-                res[f"rel_err_{mode}_{name}"] = {k: _rel_err(g, w)
-                                                 for k, g, w in zip(("out", "dx", "dweight", "dbias"), got, want)}
-        setm(**modes[best_mode][1])
+        for name, seq in (("plain", None), ("documents", seq_idx)):  # correctness at the chosen settings
+            got, want = grads(triton_fwd, seq), grads(torch_fwd, seq)
+            res[f"rel_err_{name}"] = {k: _rel_err(g, w)
+                                      for k, g, w in zip(("out", "dx", "dweight", "dbias"), got, want)}
     except Exception:
         setm(**defaults)  # a broken sweep must not leave a half-set configuration for the later parts
         raise

@@ -14,19 +14,15 @@ dtype of ``x``, the weight and bias gradients those of the parameters.
 
 Forward: one program per ``[BLOCK_L, BLOCK_D]`` output tile, ``w`` shifted loads of ``x`` (neighbouring rows are L1/L2
 hits). The pre-activation is never saved: the backward recomputes it from ``x`` (a view of ``in_proj``'s output, which
-the scan and the norm keep alive anyway). Backward, ``BWD_MODE``:
+the scan and the norm keep alive anyway). Backward, in two passes: pass 1 walks ``BWD_ROWS_PER_PROGRAM`` output rows
+of a channel block, recomputes the pre-activation once per element, writes ``dpre = dout * silu'(pre)`` to a
+``[b, l, d]`` buffer (``DPRE_DTYPE``, float32) and accumulates the weight and bias gradients; pass 2 computes ``dx``
+from ``w`` shifted loads of ``dpre`` (or of ``dout`` itself without activation). Memory-bound: ~50 instructions per
+element in pass 1 (ptxas, sm_90). A single-pass variant that recomputed the pre-activation at each of the ``w`` shifts
+(no buffer, ~135 instructions per element) measured slower on the H200 (0.50 vs 0.39 ms) and was dropped.
 
-* ``"two_pass"`` (default): pass 1 walks ``BWD_ROWS_PER_PROGRAM`` output rows of a channel block, recomputes the
-  pre-activation once per element, writes ``dpre = dout * silu'(pre)`` to a ``[b, l, d]`` buffer (``DPRE_DTYPE``,
-  float32) and accumulates the weight and bias gradients; pass 2 computes ``dx`` from ``w`` shifted loads of ``dpre``
-  (or of ``dout`` itself without activation). Memory-bound: ~2x the bytes of the single pass, ~50 instructions per
-  element in pass 1 (ptxas, sm_90).
-* ``"recompute"``: one kernel; for each of the ``w`` output rows an input feeds, ``dout`` is loaded shifted and the
-  pre-activation recomputed there, so no thread needs another thread's values and no buffer is needed, at ``w`` x the
-  SiLU arithmetic (~135 instructions per element, ~220 registers).
-
-Both accumulate the weight and bias gradients per tap in registers, reduce them once per program into float32
-partials, and finish with one ``sum`` (deterministic: no atomics). The first version shifted ``dpre`` between threads
+The weight and bias gradients are accumulated per tap in registers, reduced once per program into float32
+partials, and finished with one ``sum`` (deterministic: no atomics). The first version shifted ``dpre`` between threads
 with ``tl.gather`` and reduced every tile (shared memory and barriers): 0.94 ms for ~0.1 ms of memory traffic.
 
 Importing this module imports triton; ``ops.backend`` only does that lazily, on CUDA tensors. Under
@@ -50,14 +46,11 @@ MAX_WIDTH = 8  # taps are unrolled at compile time (and the backward has 8 named
 # the weight-gradient reduction order depends on the tiles, and a timing-dependent choice would make gradients differ
 # from run to run.
 # Values: the fastest of the sweep on an H200 at the 800M layer shape (b4, L4096, 4096 channels, bf16; 2026-11-22):
-# forward 0.109 ms, backward 0.394 ms (two_pass; recompute's best was 0.499 ms), from 0.17 / 1.48 ms before.
+# forward 0.109 ms, backward 0.394 ms, from 0.17 / 1.48 ms before.
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 16, 128, 4
-# "recompute": one kernel, dpre recomputed at each of the w shifts (w x the SiLU work, no extra memory);
-# "two_pass": dpre computed once into a [b, l, d] DPRE_DTYPE buffer, then dx from shifted loads of it (more traffic).
-BWD_MODE = "two_pass"
-BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS = 16, 32, 2  # recompute kernel / pass 1; ptxas sm_90: no spills
+BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS = 16, 32, 2  # pass 1 of the backward; ptxas sm_90: no spills
 BWD_ROWS_PER_PROGRAM = 512  # sequence positions one backward program walks (bounds the weight-grad partials)
-DX_BLOCK_L, DX_BLOCK_D, DX_WARPS = 32, 128, 4  # pass 2 of "two_pass"
+DX_BLOCK_L, DX_BLOCK_D, DX_WARPS = 32, 128, 4  # pass 2 of the backward
 DPRE_DTYPE = torch.float32
 
 
@@ -164,104 +157,6 @@ def _store_partials(DW_PART, DB_PART, pid_b, pid_c, stride_pb, stride_pc, stride
 
 
 @triton.jit
-def _conv1d_bwd_kernel(
-    X, W, BIAS, SEG, DOUT, DX, DW_PART, DB_PART,
-    L, D, TILES,
-    stride_xb, stride_xl,
-    stride_gb, stride_gl,
-    stride_dxb, stride_dxl,
-    stride_wd, stride_ww,
-    stride_sb,
-    stride_pb, stride_pc,
-    stride_qb, stride_qc,
-    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, KW: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # Single pass ("recompute"). Rows r of a tile are input positions; input r feeds output t = r + k through tap
-    # KW - 1 - k, so
-    #   dx[r]            = sum_k weight[KW - 1 - k] * g_k[r]
-    #   dweight[KW-1-k] += sum_r g_k[r] * x[r]
-    # with g_k[r] = dpre[r + k] where the tap is live (same segment, r + k < L), else 0. g_k is read with a shifted
-    # load of dout and, under SiLU, a recomputation of the pre-activation at the shifted rows from shifted loads of x
-    # (neighbouring rows: L1/L2 hits). That costs KW x the forward's arithmetic but needs no data exchange between
-    # threads and writes every dx row exactly once.
-    pid_c = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    rows = tl.arange(0, BLOCK_L)
-    x_base = X + pid_b * stride_xb
-    g_base = DOUT + pid_b * stride_gb
-    seg_base = SEG  # unused (None) without documents
-    if HAS_SEQ:
-        seg_base = SEG + pid_b * stride_sb
-    if HAS_BIAS:
-        bias = tl.load(BIAS + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    zero = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    a0, a1, a2, a3, a4, a5, a6, a7, adb = zero, zero, zero, zero, zero, zero, zero, zero, zero
-    for tile in range(TILES):
-        offs_r = (pid_c * TILES + tile) * BLOCK_L + rows
-        mask_r = offs_r < L
-        seg_r = offs_r  # placeholder without documents
-        if HAS_SEQ:
-            seg_r = tl.load(seg_base + offs_r, mask=mask_r, other=-1)
-        x_r = tl.load(
-            x_base + offs_r.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
-            mask=mask_r[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)
-        dx = zero
-        for k in tl.static_range(KW):
-            offs_t = offs_r + k  # the output rows this shift reads
-            mask_t = offs_t < L
-            g = tl.load(
-                g_base + offs_t.to(tl.int64)[:, None] * stride_gl + offs_d[None, :],
-                mask=mask_t[:, None] & mask_d[None, :], other=0.0,
-            ).to(tl.float32)
-            seg_t = offs_t
-            if HAS_SEQ:
-                seg_t = tl.load(seg_base + offs_t, mask=mask_t, other=-1)
-            if SILU:
-                pre = zero
-                if HAS_BIAS:
-                    pre += bias[None, :]
-                for j in tl.static_range(KW):
-                    if k + j == KW - 1:
-                        # This tap reads the tile's own rows: reuse x_r (beyond L, g is 0 whatever pre is).
-                        xs = x_r
-                        if HAS_SEQ:
-                            if j < KW - 1:
-                                xs = tl.where((seg_r == seg_t)[:, None], xs, 0.0)
-                    else:
-                        xs = _tap_input(x_base, seg_base, offs_t, mask_t, seg_t, offs_d, mask_d, stride_xl,
-                                        j, KW, HAS_SEQ)
-                    w_j = tl.load(W + offs_d * stride_wd + j * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
-                    pre += xs * w_j[None, :]
-                g = _silu_grad(g, pre)
-            if k == 0:
-                adb += g  # dpre on the tile's own rows (zero past L): the bias gradient
-            else:
-                if HAS_SEQ:
-                    g = tl.where((seg_t == seg_r)[:, None], g, 0.0)
-            w_k = tl.load(W + offs_d * stride_wd + (KW - 1 - k) * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
-            dx += g * w_k[None, :]
-            prod = g * x_r
-            a0 = _acc_tap(a0, prod, KW - 1 - k, 0)
-            a1 = _acc_tap(a1, prod, KW - 1 - k, 1)
-            a2 = _acc_tap(a2, prod, KW - 1 - k, 2)
-            a3 = _acc_tap(a3, prod, KW - 1 - k, 3)
-            a4 = _acc_tap(a4, prod, KW - 1 - k, 4)
-            a5 = _acc_tap(a5, prod, KW - 1 - k, 5)
-            a6 = _acc_tap(a6, prod, KW - 1 - k, 6)
-            a7 = _acc_tap(a7, prod, KW - 1 - k, 7)
-        dx_ptrs = DX + pid_b * stride_dxb + offs_r.to(tl.int64)[:, None] * stride_dxl + offs_d[None, :]
-        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
-    _store_partials(DW_PART, DB_PART, pid_b, pid_c, stride_pb, stride_pc, stride_qb, stride_qc, offs_d, mask_d,
-                    a0, a1, a2, a3, a4, a5, a6, a7, adb, HAS_BIAS, KW)
-
-
-@triton.jit
 def _conv1d_bwd_dpre_kernel(
     X, W, BIAS, SEG, DOUT, DPRE, DW_PART, DB_PART,
     L, D, TILES,
@@ -275,7 +170,7 @@ def _conv1d_bwd_dpre_kernel(
     HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, KW: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Pass 1 of the two-pass backward. Rows t of a tile are output positions: dpre[t] = dout[t] * silu'(pre[t])
+    # Pass 1 of the backward. Rows t of a tile are output positions: dpre[t] = dout[t] * silu'(pre[t])
     # (pre recomputed once, as in the forward), written to DPRE under SiLU for pass 2, and
     #   dweight[j] += sum_t dpre[t] * x[t - (KW - 1) + j] (live taps only), dbias += sum_t dpre[t].
     pid_c = tl.program_id(0)
@@ -411,19 +306,12 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 def _conv_bwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, segments: torch.Tensor | None, silu: bool,
-    dout: torch.Tensor, dx: torch.Tensor | None = None,
+    dout: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of ``x``, ``weight``, ``bias``. ``dout`` needs contiguous channels; ``dx``, when given, is the
-    [b, l, d] buffer (any row strides, contiguous channels) the input gradient is written into, e.g. a slice of a
-    wider gradient, so that no concatenation follows."""
+    """Gradients of ``x``, ``weight``, ``bias``. ``dout`` needs contiguous channels."""
     b, l, d = x.shape
     kw = weight.shape[1]
-    if BWD_MODE not in ("recompute", "two_pass"):
-        raise ValueError(f"BWD_MODE must be 'recompute' or 'two_pass', got {BWD_MODE!r}")
-    if dx is None:
-        dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
-    elif dx.shape != x.shape or dx.stride(-1) != 1:
-        raise ValueError(f"dx must be {tuple(x.shape)} with contiguous channels, got {tuple(dx.shape)} {dx.stride()}")
+    dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
     block_l = BWD_BLOCK_L
     n_tiles = triton.cdiv(l, block_l)
     tiles = max(1, min(n_tiles, BWD_ROWS_PER_PROGRAM // block_l))
@@ -433,44 +321,31 @@ def _conv_bwd(
     dw_part = torch.empty((b, chunks, d, kw), device=x.device, dtype=torch.float32)
     db_part = torch.empty((b, chunks, d), device=x.device, dtype=torch.float32) if bias is not None else None
     if dx.numel() > 0:
-        grid = (chunks, triton.cdiv(d, BWD_BLOCK_D), b)
-        common = dict(HAS_BIAS=bias is not None, HAS_SEQ=segments is not None, SILU=silu, KW=kw,
-                      BLOCK_L=block_l, BLOCK_D=BWD_BLOCK_D, num_warps=BWD_WARPS)
         seg_stride = segments.stride(0) if segments is not None else 0
         db_strides = (db_part.stride(0), db_part.stride(1)) if db_part is not None else (0, 0)
-        part_strides = (dw_part.stride(0), dw_part.stride(1), *db_strides)
-        if BWD_MODE == "recompute":
-            _conv1d_bwd_kernel[grid](
-                x, weight, bias, segments, dout, dx, dw_part, db_part,
-                l, d, tiles,
-                x.stride(0), x.stride(1),
-                dout.stride(0), dout.stride(1),
-                dx.stride(0), dx.stride(1),
-                weight.stride(0), weight.stride(1),
-                seg_stride, *part_strides, **common,
-            )
-        else:
-            # Pass 1 writes dpre (under SiLU; without activation dpre is dout itself) and the parameter partials;
-            # pass 2 turns dpre into dx. DPRE_DTYPE float32 keeps dx as exact as the single pass.
-            dpre = torch.empty((b, l, d), device=x.device, dtype=DPRE_DTYPE) if silu else dout
-            _conv1d_bwd_dpre_kernel[grid](
-                x, weight, bias, segments, dout, dpre, dw_part, db_part,
-                l, d, tiles,
-                x.stride(0), x.stride(1),
-                dout.stride(0), dout.stride(1),
-                dpre.stride(0), dpre.stride(1),
-                weight.stride(0), weight.stride(1),
-                seg_stride, *part_strides, **common,
-            )
-            _conv1d_bwd_dx_kernel[(triton.cdiv(l, DX_BLOCK_L), triton.cdiv(d, DX_BLOCK_D), b)](
-                dpre, weight, segments, dx,
-                l, d,
-                dpre.stride(0), dpre.stride(1),
-                dx.stride(0), dx.stride(1),
-                weight.stride(0), weight.stride(1),
-                seg_stride,
-                HAS_SEQ=segments is not None, KW=kw, BLOCK_L=DX_BLOCK_L, BLOCK_D=DX_BLOCK_D, num_warps=DX_WARPS,
-            )
+        # Pass 1 writes dpre (under SiLU; without activation dpre is dout itself) and the parameter partials;
+        # pass 2 turns dpre into dx. DPRE_DTYPE float32 keeps dx as exact as a single pass would.
+        dpre = torch.empty((b, l, d), device=x.device, dtype=DPRE_DTYPE) if silu else dout
+        _conv1d_bwd_dpre_kernel[(chunks, triton.cdiv(d, BWD_BLOCK_D), b)](
+            x, weight, bias, segments, dout, dpre, dw_part, db_part,
+            l, d, tiles,
+            x.stride(0), x.stride(1),
+            dout.stride(0), dout.stride(1),
+            dpre.stride(0), dpre.stride(1),
+            weight.stride(0), weight.stride(1),
+            seg_stride, dw_part.stride(0), dw_part.stride(1), *db_strides,
+            HAS_BIAS=bias is not None, HAS_SEQ=segments is not None, SILU=silu, KW=kw,
+            BLOCK_L=block_l, BLOCK_D=BWD_BLOCK_D, num_warps=BWD_WARPS,
+        )
+        _conv1d_bwd_dx_kernel[(triton.cdiv(l, DX_BLOCK_L), triton.cdiv(d, DX_BLOCK_D), b)](
+            dpre, weight, segments, dx,
+            l, d,
+            dpre.stride(0), dpre.stride(1),
+            dx.stride(0), dx.stride(1),
+            weight.stride(0), weight.stride(1),
+            seg_stride,
+            HAS_SEQ=segments is not None, KW=kw, BLOCK_L=DX_BLOCK_L, BLOCK_D=DX_BLOCK_D, num_warps=DX_WARPS,
+        )
     dweight = dw_part.sum(dim=(0, 1)).to(weight.dtype)
     dbias = db_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias

@@ -56,13 +56,6 @@ def tconv():
         os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
 
 
-@pytest.fixture(params=["two_pass", "recompute"])
-def bwd_mode(tconv, request, monkeypatch):
-    """Both backward algorithms of the kernel module (``BWD_MODE``), which must agree with the reference alike."""
-    monkeypatch.setattr(tconv, "BWD_MODE", request.param)
-    return request.param
-
-
 @pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
 def test_in_a_fresh_process():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -124,7 +117,7 @@ def _check(got, want, dtype):
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_forward_and_gradients_with_documents(tconv, bwd_mode, dtype):
+def test_forward_and_gradients_with_documents(tconv, dtype):
     got, want = _run(tconv, 2, 37, 24, 4, dtype, documents=True)
     _check(got, want, dtype)
 
@@ -139,13 +132,13 @@ def test_forward_and_gradients_with_documents(tconv, bwd_mode, dtype):
         (2, 29, 12, 3, True, "silu"),  # odd width
     ],
 )
-def test_edge_shapes(tconv, bwd_mode, b, l, d, w, bias, activation):
+def test_edge_shapes(tconv, b, l, d, w, bias, activation):
     got, want = _run(tconv, b, l, d, w, torch.float32, bias=bias, activation=activation, documents=l > 3)
     _check(got, want, torch.float32)
 
 
 @needs_interpreter
-def test_many_tiles_and_programs(tconv, bwd_mode, monkeypatch):
+def test_many_tiles_and_programs(tconv, monkeypatch):
     """Several forward tiles, backward tiles per program and backward programs, and a partial channel block."""
     monkeypatch.setattr(tconv, "BWD_ROWS_PER_PROGRAM", 64)  # 150 rows -> 3 backward programs, the last one partial
     got, want = _run(tconv, 2, 150, tconv.BWD_BLOCK_D + 6, 4, torch.float32, documents=True, seed=1)
@@ -169,7 +162,7 @@ def _documents_at_tile_edges(b: int, l: int, edge: int) -> torch.Tensor:
 @needs_interpreter
 @pytest.mark.parametrize("block_l, block_d, rows_per_program", [(16, 16, 16), (16, 16, 48), (32, 8, 64)])
 @pytest.mark.parametrize("bias, activation", [(True, "silu"), (False, "silu"), (True, None), (False, None)])
-def test_backward_tilings(tconv, bwd_mode, monkeypatch, block_l, block_d, rows_per_program, bias, activation):
+def test_backward_tilings(tconv, monkeypatch, block_l, block_d, rows_per_program, bias, activation):
     """Each backward tiling (1 or several tiles per program, a last program with fewer tiles, partial tiles and channel
     blocks) with every bias/activation variant, documents starting at, just before and just after tile edges."""
     monkeypatch.setattr(tconv, "BWD_BLOCK_L", block_l)
@@ -200,7 +193,7 @@ def test_backward_tilings(tconv, bwd_mode, monkeypatch, block_l, block_d, rows_p
 
 @needs_interpreter
 @pytest.mark.parametrize("w", [1, 2, 5, 8])
-def test_kernel_widths(tconv, bwd_mode, monkeypatch, w):
+def test_kernel_widths(tconv, monkeypatch, w):
     """Widths other than Mamba's 4, up to MAX_WIDTH (taps unrolled at compile time; padded tap axis for 5)."""
     monkeypatch.setattr(tconv, "BWD_BLOCK_L", 16)
     monkeypatch.setattr(tconv, "BWD_ROWS_PER_PROGRAM", 32)
@@ -210,7 +203,7 @@ def test_kernel_widths(tconv, bwd_mode, monkeypatch, w):
 
 
 @needs_interpreter
-def test_backward_is_deterministic_and_takes_strided_grads(tconv, bwd_mode):
+def test_backward_is_deterministic_and_takes_strided_grads(tconv):
     """Same inputs, bitwise-equal gradients (no atomics); a gradient without contiguous channels is accepted."""
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(2, 45, 20, generator=gen).requires_grad_()
@@ -230,8 +223,7 @@ def test_backward_is_deterministic_and_takes_strided_grads(tconv, bwd_mode):
 
 @needs_interpreter
 def test_two_pass_with_a_bfloat16_dpre_buffer(tconv, monkeypatch):
-    """``DPRE_DTYPE`` bf16 (half the extra traffic of two_pass) rounds dpre once more: still within bf16 tolerance."""
-    monkeypatch.setattr(tconv, "BWD_MODE", "two_pass")
+    """``DPRE_DTYPE`` bf16 (half the extra traffic of pass 1) rounds dpre once more: still within bf16 tolerance."""
     monkeypatch.setattr(tconv, "DPRE_DTYPE", torch.bfloat16)
     got, want = _run(tconv, 2, 37, 24, 4, torch.bfloat16, documents=True, seed=13)
     _check(got, want, torch.bfloat16)
