@@ -1,9 +1,7 @@
 """The Triton causal conv1d (``ops.triton_conv1d``) against ``ops.causal_conv1d_ref``, in Triton's CPU interpreter.
 
-``TRITON_INTERPRET=1`` must be set before triton itself is imported (its own ``@jit`` helpers such as ``tl.zeros``
-are built at import time), so this module sets it at collection when triton is not imported yet and no GPU is
-present; the kernel module is then (re)imported under it. Otherwise (triton already imported, or a GPU machine, where
-the interpreter must not leak into mamba_ssm's kernels) the same tests run in a fresh subprocess instead.
+The interpreter is turned on at collection where that is safe, else the tests run in a fresh subprocess
+(``triton_interpreter.py`` in this folder says how and why).
 The interpreter is slow: shapes are tiny, but chosen to cross every boundary the kernels have (several sequence tiles
 and backward programs, a partial channel block, sequences shorter than the kernel, document boundaries near tile
 edges). Skipped when triton is not installed.
@@ -11,19 +9,17 @@ edges). Skipped when triton is not installed.
 
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from triton_interpreter import (
+    import_interpreted,
+    interpret_if_possible,
+    is_interpreted,
+    restore_environment,
+    run_in_fresh_process,
+)
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    # Never on a GPU machine: mamba_ssm's kernels, imported later in the session, would be interpreted too.
-    os.environ["TRITON_INTERPRET"] = "1"
+interpret_if_possible()
 triton = pytest.importorskip(
     "triton", reason="triton is not installed: the Triton conv1d kernels are checked only with it (pip install triton)"
 )
@@ -32,7 +28,7 @@ from megatron_hybrid import ops  # noqa: E402
 from megatron_hybrid.ops import backend, mamba_ssm_loader  # noqa: E402
 
 MODULE = "megatron_hybrid.ops.triton_conv1d"
-INTERPRETED = type(triton.language.zeros).__name__ == "InterpretedFunction"
+INTERPRETED = is_interpreted(triton)
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; test_in_a_fresh_process runs these"
 )
@@ -41,30 +37,19 @@ needs_interpreter = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tconv():
     """The kernel module, (re)imported with the interpreter on."""
-    if INTERPRETED:  # an earlier module's teardown may have cleared it; ``triton.jit`` reads it when decorating
-        os.environ["TRITON_INTERPRET"] = "1"
     try:
-        module = importlib.reload(sys.modules[MODULE]) if MODULE in sys.modules else importlib.import_module(MODULE)
+        module = import_interpreted(MODULE)
     except ImportError as exc:  # e.g. a triton without tl.gather
         pytest.skip(f"the Triton conv1d cannot be imported: {exc}")
     mamba_ssm_loader.reset_kernel_cache()
     yield module
     mamba_ssm_loader.reset_kernel_cache()
-    if _PREVIOUS_INTERPRET is None:  # kernels defined so far keep their mode; later imports get the default again
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+    restore_environment()
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
 def test_in_a_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_in_fresh_process(__file__)
 
 
 def _documents(b: int, l: int) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 The reference is ``causal_conv1d_update_ref`` + ``ssm_state_update_ref`` + ``gated_rms_norm_ref``, the path a CPU
 decode step takes; the kernels run in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` must be set before triton is
-imported, so this module sets it at collection when triton is not imported yet and no GPU is present (the pattern of
-``test_ops_triton_conv1d.py``); otherwise the interpreter tests run in a fresh subprocess. Several steps are chained so
+imported, so this module sets it at collection when triton is not imported yet and no GPU is present (see
+``triton_interpreter.py``); otherwise the interpreter tests run in a fresh subprocess. Several steps are chained so
 that both carried states (conv window and SSM state) are checked, not only one step's output. The tests marked
 ``gpu`` compile the kernels for a real device (``pytest -m gpu tests/ops/test_triton_decode.py``), including a CUDA
 graph replay. Skipped when triton is not installed.
@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import (
+    import_interpreted,
+    interpret_if_possible,
+    is_interpreted,
+    restore_environment,
+    run_in_fresh_process,
+)
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    # Never on a GPU machine: mamba_ssm's kernels, imported later in the session, would be interpreted too.
-    os.environ["TRITON_INTERPRET"] = "1"
+interpret_if_possible()
 triton = pytest.importorskip(
     "triton", reason="triton is not installed: the fused Triton decode is checked only with it (pip install triton)"
 )
@@ -33,7 +33,7 @@ from megatron_hybrid import ops  # noqa: E402
 from megatron_hybrid.ops import backend, mamba_ssm_loader  # noqa: E402
 
 MODULE = "megatron_hybrid.ops.triton_decode"
-INTERPRETED = type(triton.language.zeros).__name__ == "InterpretedFunction"
+INTERPRETED = is_interpreted(triton)
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; test_in_a_fresh_process runs these"
 )
@@ -42,30 +42,18 @@ needs_interpreter = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tdecode():
     """The kernel module, (re)imported with the interpreter on (another test module's teardown may have unset it)."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    # the shared jit helpers too: a kernel interpreted now must not call ones compiled for a GPU
-    importlib.reload(importlib.import_module("megatron_hybrid.ops._triton_common"))
-    module = importlib.reload(sys.modules[MODULE]) if MODULE in sys.modules else importlib.import_module(MODULE)
+    module = import_interpreted(MODULE)
     if module.UNAVAILABLE_REASON is not None:
         pytest.skip(module.UNAVAILABLE_REASON)
     mamba_ssm_loader.reset_kernel_cache()
     yield module
     mamba_ssm_loader.reset_kernel_cache()
-    if _PREVIOUS_INTERPRET is None:  # kernels defined so far keep their mode; later imports get the default again
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+    restore_environment()
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
 def test_in_a_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_in_fresh_process(__file__)
 
 
 def _reference_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A_log, dt_bias, D, norm_weight,

@@ -1,28 +1,26 @@
 """The Triton skinny GEMV (``ops.triton_gemv``) against ``x.float() @ W.float().T``, and its dispatch rules.
 
 The kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` must be set before triton is imported, so this
-module sets it at collection when triton is not imported yet and no GPU is present (the pattern of
-``test_triton_decode.py``); otherwise the interpreter tests run in a fresh subprocess. The dispatch rules of the
+module sets it at collection when triton is not imported yet and no GPU is present (see
+``triton_interpreter.py``); otherwise the interpreter tests run in a fresh subprocess. The dispatch rules of the
 tensor-parallel linears (``tensor_parallel._use_skinny_gemv``) are checked on CPU by letting "cpu" count as a kernel
 device. Skipped when triton is not installed.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import (
+    import_interpreted,
+    interpret_if_possible,
+    is_interpreted,
+    restore_environment,
+    run_in_fresh_process,
+)
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    # Never on a GPU machine: mamba_ssm's kernels, imported later in the session, would be interpreted too.
-    os.environ["TRITON_INTERPRET"] = "1"
+interpret_if_possible()
 triton = pytest.importorskip(
     "triton", reason="triton is not installed: the Triton GEMV is checked only with it (pip install triton)"
 )
@@ -32,7 +30,7 @@ from megatron_hybrid.ops import mamba_ssm_loader  # noqa: E402
 from megatron_hybrid.parallel import ParallelGroups, tensor_parallel  # noqa: E402
 
 MODULE = "megatron_hybrid.ops.triton_gemv"
-INTERPRETED = type(triton.language.zeros).__name__ == "InterpretedFunction"
+INTERPRETED = is_interpreted(triton)
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; test_in_a_fresh_process runs these"
 )
@@ -42,30 +40,18 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 @pytest.fixture(scope="module")
 def tgemv():
     """The kernel module, (re)imported with the interpreter on (another test module's teardown may have unset it)."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    # the shared jit helpers too: a kernel interpreted now must not call ones compiled for a GPU
-    importlib.reload(importlib.import_module("megatron_hybrid.ops._triton_common"))
-    module = importlib.reload(sys.modules[MODULE]) if MODULE in sys.modules else importlib.import_module(MODULE)
+    module = import_interpreted(MODULE)
     if module.UNAVAILABLE_REASON is not None:
         pytest.skip(module.UNAVAILABLE_REASON)
     mamba_ssm_loader.reset_kernel_cache()
     yield module
     mamba_ssm_loader.reset_kernel_cache()
-    if _PREVIOUS_INTERPRET is None:  # kernels defined so far keep their mode; later imports get the default again
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+    restore_environment()
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
 def test_in_a_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_in_fresh_process(__file__)
 
 
 def _check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
