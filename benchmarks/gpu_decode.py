@@ -354,8 +354,9 @@ def model_step_timing(model: MambaModel, batch_sizes: list[int], length: int, ro
     return out
 
 
-def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    """``fn`` captured in a CUDA graph after warm-up calls on a side stream (compilation, autotuning, allocator)."""
+def capture_graph(fn: Callable[[], object], return_output: bool = False):
+    """``fn`` captured in a CUDA graph after warm-up calls on a side stream (compilation, autotuning, allocator),
+    replayed once; with ``return_output`` also the captured call's (static) output."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -364,10 +365,10 @@ def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        output = fn()
     graph.replay()
     torch.cuda.synchronize()
-    return graph
+    return (graph, output) if return_output else graph
 
 
 def profile_kernels(run: Callable[[], object], steps: int) -> tuple[dict[str, list[float]], int]:
@@ -455,6 +456,209 @@ def kernel_times(model: MambaModel, length: int, replays: int) -> dict:
         except Exception as exc:  # one variant failing must not hide the other
             out[variant] = {"error": repr(exc)[:400], "traceback": traceback.format_exc()[-1500:]}
             print(f"kernel_times {variant} failed: {exc!r}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the fused step
+
+@contextmanager
+def pdl_setting(mode: str) -> Iterator[None]:
+    """Programmatic dependent launch of our kernels: "0" off, "1" on, "early" (``MEGATRON_HYBRID_PDL``, read at each
+    launch)."""
+    from megatron_hybrid.ops._triton_common import PDL_ENV_VAR
+
+    previous = os.environ.get(PDL_ENV_VAR)
+    os.environ[PDL_ENV_VAR] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PDL_ENV_VAR, None)
+        else:
+            os.environ[PDL_ENV_VAR] = previous
+
+
+def fused_step_timing(model: MambaModel, length: int, roofline: float, replays: int) -> dict:
+    """The batch-1 decode step replayed from a CUDA graph: the layer path (all its fusions and the skinny GEMV: the
+    previous best) against ``FusedDecoder`` with and without PDL; logits of each against the layer path from the same
+    caches; the kernel table of the fused step."""
+    from megatron_hybrid.inference.fused_decode import FusedDecoder
+    from megatron_hybrid.ops._triton_common import pdl_available
+
+    context = decode_context(model, 1, length)
+    saved = [t.clone() for pair in context.mamba.values() for t in pair]
+    ids = torch.randint(0, model.config.vocab_size, (1, 1), device="cuda")
+
+    def restore() -> None:
+        for target, value in zip((t for pair in context.mamba.values() for t in pair), saved):
+            target.copy_(value)
+
+    out: dict = {"pdl_available": pdl_available(torch.device("cuda"))}
+    decoder = FusedDecoder(model, context)
+    steps = {
+        "layers": lambda: model(ids, inference_context=context),
+        "fused_step_pdl": lambda: decoder(ids[:, 0]),
+        "fused_step_pdl_early": lambda: decoder(ids[:, 0]),
+        "fused_step_no_pdl": lambda: decoder(ids[:, 0]),
+    }
+    pdl_modes = {"fused_step_no_pdl": "0", "fused_step_pdl_early": "early"}
+    logits: dict = {}
+    with torch.inference_mode():
+        context.set_decode(1)
+        for name, step in steps.items():
+            try:
+                with decode_variant(model, "fused_gemv"), pdl_setting(pdl_modes.get(name, "1")):
+                    restore()
+                    logits[name] = step().float().view(-1)
+                    graph, static = capture_graph(step, return_output=True)  # warm-ups advance the caches
+                    restore()
+                    graph.replay()
+                    logits[f"{name}_graph"] = static.float().view(-1).clone()
+                    del graph, static
+                    ms = time_graph(step, calls_per_graph=1, replays=replays)
+                out[f"{name}_ms_per_step"] = ms
+                out[f"{name}_tokens_per_s"] = 1e3 / ms
+                out[f"{name}_fraction_of_roofline"] = 1e3 / ms / roofline
+            except Exception as exc:
+                out[f"{name}_error"] = repr(exc)[:400]
+                out[f"{name}_traceback"] = traceback.format_exc()[-2000:]
+            print(f"fused_step {name}:", {k: v for k, v in out.items() if k.startswith(name)}, flush=True)
+        for name, value in logits.items():
+            if name != "layers" and "layers" in logits:
+                reference = logits["layers"]
+                out[f"{name}_logits_rel_diff_vs_layers"] = ((value - reference).abs().max()
+                                                            / reference.abs().max()).item()
+                out[f"{name}_same_argmax"] = bool(value.argmax() == reference.argmax())
+        from megatron_hybrid.ops import triton_decode
+
+        default_tile = triton_decode.STATE_TILE_ELEMENTS
+        for tile in (1024, 4096):  # the SSM step's tile (default 2048): programs per head and their work
+            try:
+                triton_decode.STATE_TILE_ELEMENTS = tile
+                with decode_variant(model, "fused_gemv"):
+                    restore()
+                    out[f"fused_step_pdl_ssm_tile{tile}_ms_per_step"] = time_graph(
+                        steps["fused_step_pdl"], calls_per_graph=1, replays=replays)
+            except Exception as exc:
+                out[f"ssm_tile{tile}_error"] = repr(exc)[:300]
+            finally:
+                triton_decode.STATE_TILE_ELEMENTS = default_tile
+        print("fused_step ssm tiles:", {k: v for k, v in out.items() if "tile" in k}, flush=True)
+        restore()
+        try:  # replay + reading the greedy token back every step: a graph launch and a host sync per step
+            with decode_variant(model, "fused_gemv"):
+                graph, tokens = capture_graph(lambda: steps["fused_step_pdl"]().view(-1).argmax(), return_output=True)
+                for _ in range(10):
+                    graph.replay()
+                    tokens.item()
+                start = time.perf_counter()
+                for _ in range(replays):
+                    graph.replay()
+                    tokens.item()
+                out["fused_step_pdl_synced_loop_ms_per_step"] = 1e3 * (time.perf_counter() - start) / replays
+                del graph, tokens
+        except Exception as exc:
+            out["synced_loop_error"] = repr(exc)[:400]
+        try:  # the runner's greedy step from Python lists (staged upload, replay, tokens back): what the engine calls
+            from megatron_hybrid.inference.model_runner import ModelRunner
+
+            runner = ModelRunner(model, 1, length, use_cuda_graphs=True)
+            token = 0
+            for position in range(10):
+                token = runner.decode_greedy([token], [position], position + 1).tolist()[0]
+            start = time.perf_counter()
+            for position in range(10, 10 + min(replays, length - 11)):
+                token = runner.decode_greedy([token], [position], position + 1).tolist()[0]
+            out["runner_decode_greedy_ms_per_step"] = 1e3 * (time.perf_counter() - start) / min(replays, length - 11)
+            del runner
+        except Exception as exc:
+            out["runner_loop_error"] = repr(exc)[:400]
+        print("fused_step loops:", {k: v for k, v in out.items() if "loop" in k or "runner" in k}, flush=True)
+        for name, mode in (("fused_step_pdl", "1"), ("fused_step_no_pdl", "0")):
+            # Without PDL each kernel's duration is its own; with it, a kernel's time includes waiting for the last.
+            restore()
+            try:
+                with decode_variant(model, "fused_gemv"), pdl_setting(mode):
+                    graph = capture_graph(steps[name])
+                    step_us = 1e3 * out.get(f"{name}_ms_per_step", 0.0)
+                    durations, seen = profile_kernels(graph.replay, 20)
+                    del graph
+                table = kernel_table(durations, 20, step_us)
+                out[f"{name}_kernel_table"] = table
+                print_kernel_table(name, table, top=25)
+            except Exception as exc:
+                out[f"{name}_kernel_table_error"] = repr(exc)[:400]
+    restore()
+    return out
+
+
+# (k, n, prologue, activation) of the 800M decode linears as the fused step runs them
+FUSED_GEMV_SHAPES = [
+    (1024, 4384, "add_norm", None),  # in_proj
+    (2048, 1024, "gated_norm", None),  # out_proj
+    (1024, 4096, "add_norm", "squared_relu"),  # fc1
+    (4096, 1024, "none", None),  # fc2
+    (1024, 2048, "add_norm", None),  # linear_qkv
+    (1024, 1024, "none", None),  # linear_proj
+]
+
+
+def fused_gemv_benchmark() -> dict:
+    """The fused GEMV per decode shape over tile configs (PDL as available, calls back to back in a graph on
+    rotated weight copies), against F.linear; installs the fastest config per shape for the rest of the run."""
+    import torch.nn.functional as F
+
+    from megatron_hybrid.ops import triton_fused_gemv as fg
+
+    dtype = torch.bfloat16
+    configs = [fg.FusedGemvConfig(b, w) for b, w in ((1, 2), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))]
+    out: dict = {}
+    for k, n, prologue, activation in FUSED_GEMV_SHAPES:
+        bytes_per_weight = n * k * 2
+        copies = max(2, min(64, -(-L2_FLUSH_BYTES // bytes_per_weight)))
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        fusions: dict = {"prologue": prologue, "activation": activation}
+        if prologue == "add_norm":
+            fusions.update(residual=torch.randn(1, k, device="cuda", dtype=dtype),
+                           norm_weight=torch.rand(k, device="cuda", dtype=dtype) + 0.5)
+        elif prologue == "gated_norm":
+            fusions.update(z=torch.randn(1, k, device="cuda", dtype=dtype), group_size=k // 8,
+                           norm_weight=torch.rand(k, device="cuda", dtype=dtype) + 0.5)
+        row: dict = {"copies_rotated": copies, "prologue": prologue, "activation": activation}
+
+        def timed(cfg, x=x, weights=weights, fusions=fusions, copies=copies) -> float:
+            """us per call of the fused GEMV with ``cfg`` (None: F.linear without the fusions)."""
+            if cfg is None:
+                return time_rotating(lambda i: F.linear(x, weights[i]), copies, replays=20)
+            return time_rotating(lambda i: fg.fused_gemv_triton(x, weights[i], config=cfg, **fusions), copies, 20)
+
+        with torch.inference_mode():
+            row["F.linear_us"] = round(timed(None), 2)
+            best = None
+            for cfg in configs:
+                label = f"bn{cfg.block_n}_w{cfg.num_warps}"
+                try:
+                    us = timed(cfg)
+                except Exception as exc:
+                    row[label] = {"error": repr(exc)[:300]}
+                    continue
+                row[label] = {"us": round(us, 2), "GBps": round(bytes_per_weight / us / 1e3, 1)}
+                if best is None or us < best[0]:
+                    best = (us, cfg, label)
+            if best is not None:
+                fg.SHAPE_CONFIGS[(n, k)] = best[1]
+                row["best"], row["best_us"] = best[2], round(best[0], 2)
+                with pdl_setting("0"):
+                    row["best_without_pdl_us"] = round(timed(best[1]), 2)
+                with pdl_setting("early"):
+                    row["best_pdl_early_us"] = round(timed(best[1]), 2)
+        out[f"k{k}_n{n}_{prologue}"] = row
+        print(f"fused_gemv k={k} n={n} {prologue}: F.linear {row['F.linear_us']} us, best {row.get('best')} "
+              f"{row.get('best_us')} us, without PDL {row.get('best_without_pdl_us')} us", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    out["installed_configs"] = {f"n{n}_k{k}": vars(cfg) for (n, k), cfg in fg.SHAPE_CONFIGS.items()}
     return out
 
 
@@ -548,12 +752,16 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--hf", action="store_true", help="also time transformers NemotronH generate")
     parser.add_argument("--parts", nargs="+", default=["decode", "prefill"],
-                        choices=["gemv", "decode", "prefill", "kernels", "layer", "model_step", "kernel_times"],
+                        choices=["gemv", "fused_gemv", "fused_step", "decode", "prefill", "kernels", "layer",
+                                 "model_step", "kernel_times"],
                         help="which measurements to run (the roofline always); see the module docstring")
     parser.add_argument("--no-fused-decode", action="store_true",
                         help="decode/prefill parts: the unfused decode (every decode fusion off)")
     parser.add_argument("--no-skinny-gemv", action="store_true",
                         help="decode/prefill parts: F.linear (cuBLAS) for the decode GEMVs instead of the Triton GEMV")
+    parser.add_argument("--no-fused-step", action="store_true",
+                        help="decode part: batch-1 steps through the layers instead of the FusedDecoder")
+    parser.add_argument("--step-replays", type=int, default=200, help="graph replays timed by the fused_step part")
     parser.add_argument("--layer-iters", type=int, default=200, help="eager iterations of the layer timing")
     parser.add_argument("--profile-replays", type=int, default=50,
                         help="graph replays profiled by the kernel_times part")
@@ -577,6 +785,10 @@ def main() -> None:
 
     if "gemv" in args.parts:
         part("gemv")(gemv_benchmark)
+    if "fused_gemv" in args.parts:
+        part("fused_gemv")(fused_gemv_benchmark)
+    if "fused_step" in args.parts:
+        part("fused_step")(lambda: fused_step_timing(model, length, roofline, args.step_replays))
     if "kernels" in args.parts:
         part("kernel_counts")(lambda: kernel_counts(model, max_batch, length))
     if "layer" in args.parts:
@@ -590,13 +802,14 @@ def main() -> None:
     RESULTS["fused_decode"] = not args.no_fused_decode
     tensor_parallel.SKINNY_GEMV_ENABLED = not args.no_skinny_gemv
     RESULTS["skinny_gemv"] = not args.no_skinny_gemv
+    RESULTS["fused_step"] = not args.no_fused_step
     for graphs in (False, True) if "decode" in args.parts else ():
         label = "cuda_graphs" if graphs else "eager"
 
         @part(f"decode_{label}")
         def _(graphs: bool = graphs) -> dict:
             engine = InferenceEngine(model, max_batch_size=max_batch, max_sequence_length=PROMPT + args.new_tokens,
-                                     use_cuda_graphs=graphs)
+                                     use_cuda_graphs=graphs, fused_decode_step=not args.no_fused_step)
             out = {"cache_memory_bytes": engine.cache_memory_bytes()}
             for batch in args.batch_sizes:
                 run = run_decode(engine, batch, args.new_tokens)

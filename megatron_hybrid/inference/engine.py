@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from megatron_hybrid.inference.model_runner import ModelRunner
+from megatron_hybrid.inference.model_runner import ModelRunner, PendingTokens
 from megatron_hybrid.inference.sampling import IncrementalDetokenizer, SamplingParams, make_generator, sample_tokens
 from megatron_hybrid.inference.tp_worker import TensorParallelChannel
 from megatron_hybrid.models.mamba_model import MambaModel
@@ -104,7 +104,9 @@ class InferenceEngine:
     ``use_cuda_graphs`` captures the decode step per batch-size bucket on a CUDA model (ignored, with a warning, on
     CPU). ``ssm_state_dtype`` is the Mamba state's precision (float32 by default). ``lean_decode`` lets a float32 CPU
     model at TP=1 decode through the flattened :class:`~megatron_hybrid.inference.lean_decode.LeanDecoder` (same
-    results, a fraction of the per-layer overhead). The model is put in eval mode.
+    results, a fraction of the per-layer overhead); ``fused_decode_step`` lets a CUDA model at TP=1 take its batch-1
+    steps through :class:`~megatron_hybrid.inference.fused_decode.FusedDecoder` (norms inside the linears, fewer
+    kernels). The model is put in eval mode.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class InferenceEngine:
         use_cuda_graphs: bool = False,
         ssm_state_dtype: torch.dtype = torch.float32,
         lean_decode: bool = True,
+        fused_decode_step: bool = True,
     ) -> None:
         config = model.config
         groups = model.groups
@@ -147,8 +150,13 @@ class InferenceEngine:
         self.runner = ModelRunner(
             model, max_batch_size, max_sequence_length, use_cuda_graphs=use_cuda_graphs,
             ssm_state_dtype=ssm_state_dtype, channel=channel, lean_decode=lean_decode,
+            fused_decode_step=fused_decode_step,
         )
         self.use_cuda_graphs = self.runner.use_cuda_graphs
+        # Greedy steps are pipelined with CUDA graphs at TP=1: the next step is queued (fed on the device) before the
+        # host reads this one's tokens, so the GPU does not idle while the host does its bookkeeping.
+        self._pipelined = self.use_cuda_graphs and channel is None
+        self._inflight: tuple[list[_Request], PendingTokens] | None = None  # queued ahead, tokens not yet read
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []  # index = cache slot
         self._finished: dict[str, GenerationOutput] = {}
@@ -197,6 +205,8 @@ class InferenceEngine:
     def abort(self, request_id: str) -> None:
         """Drop a request (e.g. its client disconnected): its slot is freed now, the next ``step()`` reports an
         ``"abort"`` event, and no output is kept. Unknown or already finished ids only drop a kept output."""
+        # Slots move below: the step queued ahead is read first (not its token for this request: it is dropped).
+        self._settle(self._pending_events, dropping=request_id)
         for request in self._waiting:
             if request.request_id == request_id:
                 self._waiting.remove(request)
@@ -252,6 +262,8 @@ class InferenceEngine:
         with torch.inference_mode():
             free = self.max_batch_size - len(self._active)
             if self._waiting and free:
+                self._settle(events)  # the batch changes: the step queued ahead is read first
+                free = self.max_batch_size - len(self._active)
                 admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
                 by_length: dict[int, list[_Request]] = {}
                 for request in admitted:
@@ -338,12 +350,31 @@ class InferenceEngine:
             self._release_slots(finished)
 
     def _decode(self, events: list[TokenEvent]) -> None:
+        greedy = all(r.params.greedy and not r.params.logprobs for r in self._active)
+        pipelined = greedy and self._pipelined
+        if self._inflight is not None and not (pipelined and self._inflight_matches()):
+            self._settle(events)  # a step queued ahead for another batch (cannot happen today): read it first
+            if not self._active:
+                return
         active = self._active
         # Plain lists: the runner uploads them in one asynchronous copy (no host synchronisation before the step).
         token_ids = [r.token_ids[-1] for r in active]
         lengths = [r.cache_length for r in active]
         attention_length = max(lengths) + 1
-        if all(r.params.greedy and not r.params.logprobs for r in active):
+        if pipelined:
+            # This step was queued by the previous one (device-fed), or is queued now from the host's inputs. The step
+            # after it is queued before this one's tokens are read, unless a length limit ends a request here (a stop
+            # token may still end one: ``_settle`` then reads the queued step before any slot moves).
+            if self._inflight is not None:
+                pending, self._inflight = self._inflight[1], None
+            else:
+                pending = self.runner.decode_greedy_async(token_ids, lengths, attention_length)
+            if all(len(r.token_ids) + 1 < r.params.max_new_tokens
+                   and r.cache_length + 2 < self.max_sequence_length for r in active):
+                self._inflight = (list(active), self.runner.decode_greedy_next(len(active)))
+            tokens = pending.tolist()
+            logprobs = None
+        elif greedy:
             # The common case: argmax on the device (inside the CUDA graph when there is one), then one copy of the
             # n token ids back; the step's only host synchronisation.
             tokens = self.runner.decode_greedy(token_ids, lengths, attention_length).tolist()
@@ -356,14 +387,35 @@ class InferenceEngine:
                 [r.generator for r in active],
                 want_logprobs=any(r.params.logprobs for r in active),
             )
-        finished = []
+        ended = False
         for slot, request in enumerate(active):
             request.cache_length += 1
             self._accept(request, tokens[slot], logprobs[slot] if logprobs else None, events)
-            if request.finish_reason is not None:
-                finished.append(slot)
-        if finished:
-            self._release_slots(finished)
+            ended = ended or request.finish_reason is not None
+        if ended:
+            self._settle(events)
+
+    def _inflight_matches(self) -> bool:
+        """Whether the step queued ahead was queued for exactly the active requests, in their slots."""
+        rows = self._inflight[0]
+        return len(rows) == len(self._active) and all(a is b for a, b in zip(rows, self._active))
+
+    def _settle(self, events: list[TokenEvent], dropping: str | None = None) -> None:
+        """Before the active batch changes: read the step queued ahead (if any) and accept its tokens for the requests
+        still generating (a request that ended at the step before, or the one ``dropping`` names, ignores its token:
+        its slot is freed anyway); then free the slots of every request that has ended."""
+        if self._inflight is not None:
+            (rows, pending), self._inflight = self._inflight, None
+            tokens = pending.tolist()
+            for slot, request in enumerate(rows):
+                if request.finish_reason is not None or request.request_id == dropping:
+                    continue
+                if slot < len(self._active) and self._active[slot] is request:
+                    request.cache_length += 1
+                    self._accept(request, tokens[slot], None, events)
+        ended = [slot for slot, request in enumerate(self._active) if request.finish_reason is not None]
+        if ended:
+            self._release_slots(ended)
 
     def _accept(self, request: _Request, token: int, logprob: float | None, events: list[TokenEvent],
                 prompt_logprobs: list[float] | None = None) -> None:

@@ -45,13 +45,13 @@ import torch.nn.functional as F
 
 from megatron_hybrid.inference.context import InferenceContext
 from megatron_hybrid.layers.attention import SelfAttention
-from megatron_hybrid.layers.hybrid_layers import AttentionLayer, MambaLayer, MLPLayer
+from megatron_hybrid.layers.hybrid_layers import AttentionLayer, MambaLayer, MLPLayer, _PreNormResidual
 from megatron_hybrid.layers.mamba_mixer import MambaMixer
 from megatron_hybrid.layers.mlp import MLP, squared_relu, swiglu
 from megatron_hybrid.layers.norm import RMSNorm
 from megatron_hybrid.layers.rotary import RotaryEmbedding
 
-__all__ = ["DEFAULT_MAX_PREPARED_BYTES", "LeanDecoder"]
+__all__ = ["DEFAULT_MAX_PREPARED_BYTES", "LeanDecoder", "stock_layers_reason"]
 
 DEFAULT_MAX_PREPARED_BYTES = 1 << 30  # transposed weight copies for models up to 1 GiB of 2-D float32 parameters
 
@@ -63,6 +63,29 @@ PREFILL_MAX_TOKENS = 64  # the lean prefill's SSD is one block of [s, s] decay m
 # Log-decays below this are flushed to exactly 0 after exp (as ops.ssd does): exp(-40) is far below float32
 # resolution next to a token's own term, and subnormal floats make x86 matmuls 10-100x slower.
 _LOG_DECAY_FLOOR = -40.0
+
+
+def stock_layers_reason(model: torch.nn.Module) -> str | None:
+    """None when ``model`` is a whole model (embedding to output layer) built of the stock layer, mixer and norm
+    classes, whose decode computation a flattened step reproduces; else why not."""
+    if not (model.pre_process and model.post_process) or model.decoder.final_norm is None:
+        return "needs the whole model"
+    if type(model.decoder.final_norm) is not RMSNorm:
+        return "the final norm is not the stock RMSNorm"
+    for layer in model.decoder.layers.values():
+        if isinstance(layer, MambaLayer):
+            ok = type(layer.mixer) is MambaMixer and type(layer.norm) is RMSNorm
+        elif isinstance(layer, AttentionLayer):
+            attention = layer.self_attention
+            ok = type(attention) is SelfAttention and type(layer.input_layernorm) is RMSNorm
+            ok = ok and (attention.rotary is None or type(attention.rotary) is RotaryEmbedding)
+        elif isinstance(layer, MLPLayer):
+            ok = type(layer.mlp) is MLP and type(layer.pre_mlp_layernorm) is RMSNorm
+        else:
+            ok = False
+        if not ok or type(layer).forward is not _PreNormResidual.forward:
+            return f"layer {type(layer).__name__} is not one of the stock layer classes"
+    return None
 
 
 class _InvRMS:
@@ -120,22 +143,7 @@ class LeanDecoder:
             caches = [t for pair in (*context.mamba.values(), *context.kv.values()) for t in pair]
             if any(t.dtype != torch.float32 for t in caches):
                 return "only float32 caches (ssm_state_dtype float32)"
-        if not (model.pre_process and model.post_process) or model.decoder.final_norm is None:
-            return "needs the whole model"
-        for layer in model.decoder.layers.values():
-            if isinstance(layer, MambaLayer):
-                ok = type(layer.mixer) is MambaMixer and type(layer.norm) is RMSNorm
-            elif isinstance(layer, AttentionLayer):
-                attention = layer.self_attention
-                ok = type(attention) is SelfAttention and type(layer.input_layernorm) is RMSNorm
-                ok = ok and (attention.rotary is None or type(attention.rotary) is RotaryEmbedding)
-            elif isinstance(layer, MLPLayer):
-                ok = type(layer.mlp) is MLP and type(layer.pre_mlp_layernorm) is RMSNorm
-            else:
-                ok = False
-            if not ok:
-                return f"layer {type(layer).__name__} is not one of the stock layer classes"
-        return None
+        return stock_layers_reason(model)
 
     # ------------------------------------------------------------------------------------------------ the step
 

@@ -14,11 +14,17 @@ depend on the batch's lengths. Each graph also computes the greedy tokens (argma
 (``decode_greedy``) is one replay and one device-to-host copy of the token ids.
 
 Step inputs given as Python lists (what the engine has) reach a CUDA device through a pinned staging buffer in one
-asynchronous copy: no host synchronisation before the replay, the step's only one is reading its tokens back.
+asynchronous copy: no host synchronisation before the replay, the step's only one is reading its tokens back. Each
+graph also writes its greedy tokens and the positions + 1 into the step inputs, so the next greedy step can be
+replayed before the host has read this one's tokens (``decode_greedy_async`` / ``decode_greedy_next``: the engine
+keeps the GPU busy while it does its bookkeeping).
 
 On a CPU model at tensor-parallel size 1 the decode step, and the prefill of prompts of up to
 ``lean_decode.PREFILL_MAX_TOKENS`` tokens, run through :class:`LeanDecoder` (the same computation as the layers'
 paths, flattened: the per-module overhead is most of a small model's CPU decode time) unless ``lean_decode=False``.
+On a CUDA model at tensor-parallel size 1, batch-1 decode steps (eager, and the batch-1 graph) run through
+:class:`~megatron_hybrid.inference.fused_decode.FusedDecoder` (norms inside the linears, one kernel per Mamba step)
+unless ``fused_decode_step=False``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import torch
 from torch import nn
 
 from megatron_hybrid.inference.context import InferenceContext
+from megatron_hybrid.inference.fused_decode import MAX_BATCH as FUSED_MAX_BATCH
+from megatron_hybrid.inference.fused_decode import FusedDecoder
 from megatron_hybrid.inference.lean_decode import LeanDecoder
 from megatron_hybrid.inference.sampling import greedy_tokens
 from megatron_hybrid.layers.attention import SelfAttention
@@ -54,6 +62,18 @@ def set_decode_fusions(model: nn.Module, *, mamba: bool = True, attention: bool 
             module.fused_residual_decode = residual
 
 
+class PendingTokens:
+    """Greedy tokens on their way to the host (``ModelRunner.decode_greedy_async``): ``tolist()`` waits for them."""
+
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event) -> None:
+        self._host = host
+        self._event = event
+
+    def tolist(self) -> list[int]:
+        self._event.synchronize()
+        return self._host.tolist()
+
+
 def graph_buckets(max_batch_size: int) -> list[int]:
     """Batch sizes a decode graph is captured for: powers of two below ``max_batch_size``, and it."""
     buckets, size = [], 1
@@ -76,6 +96,7 @@ class ModelRunner:
         ssm_state_dtype: torch.dtype = torch.float32,
         channel: TensorParallelChannel | None = None,
         lean_decode: bool = True,
+        fused_decode_step: bool = True,
     ) -> None:
         self.model = model
         self.channel = channel
@@ -94,6 +115,9 @@ class ModelRunner:
         self.lean_decoder = None
         if lean_decode and self.device.type == "cpu" and LeanDecoder.unsupported_reason(model, self.context) is None:
             self.lean_decoder = LeanDecoder(model, self.context)
+        self.fused_decoder = None
+        if fused_decode_step and FusedDecoder.unsupported_reason(model, self.context) is None:
+            self.fused_decoder = FusedDecoder(model, self.context)
         self._ids = self.context.decode_inputs[0].view(max_batch_size, 1)  # the model's [b, 1] input ids
         self._staging = self._staged = None
         if self.device.type == "cuda":
@@ -102,7 +126,13 @@ class ModelRunner:
             self._staging = torch.zeros(2, max_batch_size, dtype=torch.long, pin_memory=True)
             self._staged = torch.cuda.Event()
             self._staged.record()
+        self._host_slot = 0
+        self._host_tokens: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         if self.use_cuda_graphs:
+            self._host_tokens = [(torch.zeros(max_batch_size, dtype=torch.long, pin_memory=True), torch.cuda.Event())
+                                 for _ in range(2)]
+            for _, event in self._host_tokens:
+                event.record()
             self._capture_graphs()
 
     # ------------------------------------------------------------------------------------------------ forwards
@@ -137,6 +167,8 @@ class ModelRunner:
 
         ``attention_length`` = ``max(positions) + 1`` (eager mode reads only that much of the KV cache). Ids and
         positions may be tensors or lists of ints (lists are uploaded without a host synchronisation on CUDA).
+        With CUDA graphs the logits are a view of the graph's static output: valid until the next step (clone them
+        to keep them).
         """
         return self._decode(token_ids, positions, attention_length, greedy=False)
 
@@ -150,6 +182,37 @@ class ModelRunner:
         """Like :meth:`decode`, but returns the greedy next tokens [n] (``sampling.greedy_tokens`` of the logits, on
         the model's device) instead of the logits: computed inside the captured graph when graphs are used."""
         return self._decode(token_ids, positions, attention_length, greedy=True)
+
+    @torch.inference_mode()
+    def decode_greedy_async(
+        self, token_ids: Sequence[int], positions: Sequence[int], attention_length: int
+    ) -> PendingTokens:
+        """:meth:`decode_greedy` with CUDA graphs, returned as a pending host copy of the tokens: the step and the copy
+        are queued and nothing waits for them, so :meth:`decode_greedy_next` can be queued behind before the host
+        reads these tokens (``PendingTokens.tolist``)."""
+        if not self._graphs or self.channel is not None:
+            raise RuntimeError("decode_greedy_async needs CUDA graphs at tensor-parallel size 1")
+        return self._pending(self._decode(token_ids, positions, attention_length, greedy=True))
+
+    @torch.inference_mode()
+    def decode_greedy_next(self, batch: int) -> PendingTokens:
+        """The greedy step after the last greedy graph step of the same leading ``batch`` rows, on the inputs that step
+        fed on the device (its tokens, positions + 1): queued without any host data or synchronisation."""
+        if not self._graphs or self.channel is not None:
+            raise RuntimeError("decode_greedy_next needs CUDA graphs at tensor-parallel size 1")
+        graph, _, tokens = self._graphs[next(size for size in self._buckets if size >= batch)]
+        graph.replay()
+        return self._pending(tokens[:batch])
+
+    def _pending(self, tokens: torch.Tensor) -> PendingTokens:
+        """An asynchronous copy of ``tokens`` into the next of two pinned host buffers (two steps may be pending)."""
+        self._host_slot = 1 - self._host_slot
+        buffer, event = self._host_tokens[self._host_slot]
+        event.synchronize()  # the copy that last used this buffer has been read (normally long ago)
+        target = buffer[: tokens.shape[0]]
+        target.copy_(tokens, non_blocking=True)
+        event.record()
+        return PendingTokens(target, event)
 
     def _decode(
         self,
@@ -174,11 +237,17 @@ class ModelRunner:
             return tokens[:batch] if greedy else logits[:batch, 0]
         context.set_decode(batch, attention_length)
         self._stage_inputs(token_ids, positions, batch)
-        if self.lean_decoder is not None:
-            logits = self.lean_decoder(self._ids[:batch, 0])
-        else:
-            logits = self.model(self._ids[:batch], inference_context=context)[:, 0]
+        logits = self._step(batch)[:, 0]
         return greedy_tokens(logits) if greedy else logits
+
+    def _step(self, batch: int) -> torch.Tensor:
+        """Logits [batch, 1, vocab] of a decode step of the leading ``batch`` rows of the context's inputs, through
+        the fused batch-1 step, the lean CPU step or the layers, whichever applies."""
+        if self.fused_decoder is not None and batch <= FUSED_MAX_BATCH:
+            return self.fused_decoder(self._ids[:batch, 0])
+        if self.lean_decoder is not None:
+            return self.lean_decoder(self._ids[:batch, 0])[:, None]
+        return self.model(self._ids[:batch], inference_context=self.context)
 
     def _stage_inputs(
         self, token_ids: torch.Tensor | Sequence[int], positions: torch.Tensor | Sequence[int], rows: int
@@ -231,12 +300,16 @@ class ModelRunner:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: lazy initialisation, kernel autotuning, allocator growth
-                    greedy_tokens(self.model(self._ids[:bucket], inference_context=context)[:, 0])
+                    greedy_tokens(self._step(bucket)[:, 0])
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.model(self._ids[:bucket], inference_context=context)
+                logits = self._step(bucket)
                 tokens = greedy_tokens(logits[:, 0])  # one small kernel more per replay; saves greedy steps a launch
+                # Feed the next greedy step on the device (its ids are these tokens, its positions one further), so
+                # ``decode_greedy_next`` can replay without the host; a host-staged step overwrites both rows.
+                context.decode_inputs[0, :bucket].copy_(tokens)
+                context.decode_inputs[1, :bucket].add_(1)
             self._graphs[bucket] = (graph, logits, tokens)
         self._buckets = sorted(self._graphs)
         torch.cuda.synchronize()

@@ -533,25 +533,41 @@ def mamba_decode_fused(
     A_log: torch.Tensor,
     dt_bias: torch.Tensor | None,
     D: torch.Tensor | None,
-    norm_weight: torch.Tensor,
+    norm_weight: torch.Tensor | None,
     *,
     norm_group_size: int,
     eps: float,
     dt_limit: tuple[float, float] = (0.0, math.inf),
+    normalize: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor | None:
     """A Mamba-2 mixer's decode step from ``in_proj``'s output ``zxbcdt`` [b, width] to ``out_proj``'s input
     [b, d_inner] in two fused Triton kernels (``ops.triton_decode``; conv and SSM states advance in place), or None
     when the fused path does not apply (CPU tensors under "auto", backend "torch", no triton, autograd): the caller
     then runs ``causal_conv1d_update`` + ``ssm_state_update`` + ``gated_rms_norm``, whose semantics it has
-    (dt softplus'ed, A = -exp(A_log), norm after the gate)."""
+    (dt softplus'ed, A = -exp(A_log), norm after the gate). ``normalize=False``: one kernel, returning ``y`` before
+    the gated norm (which the caller then applies, e.g. in ``fused_gemv``'s prologue)."""
     kernel = _fused_decode_kernel("mamba_decode_fused", backend, zxbcdt)
     if kernel is None or conv_state.dtype not in _KERNEL_DTYPES or ssm_state.dtype not in _KERNEL_DTYPES:
         return None
     return kernel(
         zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A_log, dt_bias, D, norm_weight,
-        norm_group_size=norm_group_size, eps=eps, dt_limit=dt_limit,
+        norm_group_size=norm_group_size, eps=eps, dt_limit=dt_limit, normalize=normalize,
     )
+
+
+def fused_gemv(x: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               backend: str = "auto", **fusions) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One decode row's linear layer with its norm and activation in the same kernel (``ops.triton_fused_gemv``;
+    ``fusions`` are that module's ``fused_gemv_triton`` keywords), or None where the kernel does not apply (CPU
+    tensors under "auto", backend "torch", no triton, autograd): the caller then runs the separate ops."""
+    source = x if x is not None else fusions.get("residual")
+    kernel = _own_triton_kernel("fused_gemv", backend, source, "megatron_hybrid.ops.triton_fused_gemv",
+                                "fused_gemv_triton", "the Triton fused GEMV",
+                                "decode steps run their norms and linears as separate kernels")
+    if kernel is None:
+        return None
+    return kernel(x, weight, bias, **fusions)
 
 
 def decode_attention_fused(
@@ -640,6 +656,8 @@ def kernel_backend_info() -> dict[str, Any]:
         "triton_attention": ("megatron_hybrid.ops.triton_attention", "decode_attention_triton",
                              "the Triton decode attention"),
         "triton_gemv": ("megatron_hybrid.ops.triton_gemv", "gemv_or_none", "the Triton skinny GEMV"),
+        "triton_fused_gemv": ("megatron_hybrid.ops.triton_fused_gemv", "fused_gemv_triton",
+                              "the Triton fused GEMV"),
     }
     for key, (module_name, entry, what) in own.items():
         try:
@@ -664,6 +682,8 @@ def kernel_backend_info() -> dict[str, Any]:
         else "unfused ops",
         "skinny_gemv": "triton (megatron_hybrid, <= 16 rows, inference)" if info["triton_gemv"]["available"]
         else "F.linear",
+        "fused_gemv": "triton (megatron_hybrid, one row, inference)" if info["triton_fused_gemv"]["available"]
+        else "separate norm and linear",
     }
     if mode == "torch":
         on_cuda = dict.fromkeys(on_cuda, "torch")

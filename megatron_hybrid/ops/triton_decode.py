@@ -17,7 +17,10 @@ Here the whole span ``zxbcdt -> normalised, gated y`` is two launches:
 
 Races: a conv state row is shifted in place (``state[k] = state[k + 1]``, newest input appended). The B and C rows
 are read by every program of a group in the first kernel, so they are only written by the second kernel, which the
-stream orders after the first one finished (no reader left). Within one program the threads that store a shifted
+stream orders after the first one finished (no reader left). With ``normalize=False`` (one kernel; the caller applies
+the gated norm, e.g. in ``triton_fused_gemv``'s prologue) the last program of a group to arrive writes them instead:
+each program loads its shifted rows up front, then counts itself in on an atomic counter per (row, group) after all
+its loads; the program that completes the count stores the B/C rows and resets the counter for the next step. Within one program the threads that store a shifted
 element are not the ones that loaded it, so every shift loads all it needs, then ``tl.debug_barrier()`` (a CTA-wide
 barrier: all loads of the program are performed), then stores. Each x channel belongs to exactly one program.
 
@@ -44,19 +47,20 @@ from megatron_hybrid.ops.mamba_ssm_loader import KernelUnavailableError
 __all__ = ["UNAVAILABLE_REASON", "mamba_decode_step_triton"]
 
 from megatron_hybrid.ops._triton_common import ROUND_KIND as _ROUND_KIND
-from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, tl, triton
+from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, launch_options, pdl_mode, tl, triton
 
 # Tile heuristics (module globals, read at every call, so a benchmark can sweep them). One program updates a
-# [BLOCK_P, d_state] slice of a head's state; ~2K elements keeps a 4-warp program at 16 float32 registers per thread
-# for the state and gives 128 programs for the 800M shape (32 heads x 64 x 128) at batch 1, about one per SM
-# (ptxas for sm_90 with bf16 activations: 126 registers per thread, no spills).
-STATE_TILE_ELEMENTS = 2048
+# [BLOCK_P, d_state] slice of a head's state; 1K elements gives 256 programs for the 800M shape (32 heads x 64 x 128)
+# at batch 1, two per SM, which keeps more state loads in flight: the whole 800M decode step (benchmarks/gpu_decode.py
+# --parts fused_step, H200) took 0.620 ms with it against 0.626 ms at 2K and 0.647-0.657 ms at 4K elements.
+STATE_TILE_ELEMENTS = 1024
 SSM_WARPS = 4
 NORM_WARPS = 4
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it softplus(x) = x
 
 
 if triton is not None:
+    from megatron_hybrid.ops._triton_common import let_next_kernel_launch_early, wait_for_previous_kernel
     from megatron_hybrid.ops._triton_common import round_to_storage as _round
 
 
@@ -95,13 +99,12 @@ if triton is not None:
         return acc * tl.sigmoid(acc)
 
     @triton.jit
-    def _conv_state_shift(
+    def _conv_state_next(
         zx_row, cs_row, chan, mask_c, stride_cs_c, stride_cs_k,
         D_INNER: tl.constexpr, STATE_LEN: tl.constexpr, SL_PAD: tl.constexpr, CS_ROUND: tl.constexpr,
     ):
-        """``state[c, k] = state[c, k + 1]``, ``state[c, -1] = new input`` for the channels ``chan`` of this program.
-
-        Must be the program's last access to these rows: everything is loaded, then a barrier, then stored."""
+        """The advanced conv-state rows of channels ``chan``: ``state[c, k + 1]`` for ``k < STATE_LEN - 1``, then the
+        new input (loaded now; ``_conv_state_store`` writes them back later)."""
         k = tl.arange(0, SL_PAD)
         x_new = tl.load(zx_row + D_INNER + chan, mask=mask_c, other=0.0).to(tl.float32)
         x_new = _round(x_new, CS_ROUND).to(cs_row.dtype.element_ty)
@@ -109,16 +112,34 @@ if triton is not None:
             cs_row + chan[:, None] * stride_cs_c + (k + 1)[None, :] * stride_cs_k,
             mask=mask_c[:, None] & (k + 1 < STATE_LEN)[None, :], other=0.0,
         )
-        new = tl.where((k == STATE_LEN - 1)[None, :], x_new[:, None], nxt)
-        tl.debug_barrier()  # every thread's loads of these rows are performed before any thread overwrites them
+        return tl.where((k == STATE_LEN - 1)[None, :], x_new[:, None], nxt)
+
+    @triton.jit
+    def _conv_state_store(
+        cs_row, chan, mask_c, new, stride_cs_c, stride_cs_k, STATE_LEN: tl.constexpr, SL_PAD: tl.constexpr,
+    ):
+        k = tl.arange(0, SL_PAD)
         tl.store(
             cs_row + chan[:, None] * stride_cs_c + k[None, :] * stride_cs_k, new,
             mask=mask_c[:, None] & (k < STATE_LEN)[None, :],
         )
 
     @triton.jit
+    def _conv_state_shift(
+        zx_row, cs_row, chan, mask_c, stride_cs_c, stride_cs_k,
+        D_INNER: tl.constexpr, STATE_LEN: tl.constexpr, SL_PAD: tl.constexpr, CS_ROUND: tl.constexpr,
+    ):
+        """``state[c, k] = state[c, k + 1]``, ``state[c, -1] = new input`` for the channels ``chan`` of this program.
+
+        Must be the program's last access to these rows: everything is loaded, then a barrier, then stored."""
+        new = _conv_state_next(zx_row, cs_row, chan, mask_c, stride_cs_c, stride_cs_k, D_INNER, STATE_LEN, SL_PAD,
+                               CS_ROUND)
+        tl.debug_barrier()  # every thread's loads of these rows are performed before any thread overwrites them
+        _conv_state_store(cs_row, chan, mask_c, new, stride_cs_c, stride_cs_k, STATE_LEN, SL_PAD)
+
+    @triton.jit
     def _ssm_decode_kernel(
-        ZX, CONV_STATE, CONV_W, CONV_B, SSM, A_LOG, DT_BIAS, D, Y,
+        ZX, CONV_STATE, CONV_W, CONV_B, SSM, A_LOG, DT_BIAS, D, Y, ARRIVALS,
         dt_low, dt_high,
         stride_zx_b,
         stride_cs_b, stride_cs_c, stride_cs_k,
@@ -131,7 +152,9 @@ if triton is not None:
         DT_CLAMP: tl.constexpr, SOFTPLUS_THRESHOLD: tl.constexpr,
         ACT_ROUND: tl.constexpr, Y_ROUND: tl.constexpr, STATE_ROUND: tl.constexpr, CS_ROUND: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KW_PAD: tl.constexpr, SL_PAD: tl.constexpr,
+        SHIFT_BC: tl.constexpr, PROGRAMS_PER_GROUP: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        let_next_kernel_launch_early(USE_PDL)
         pid_b = tl.program_id(0).to(tl.int64)
         pid_h = tl.program_id(1)
         pid_p = tl.program_id(2)
@@ -145,18 +168,32 @@ if triton is not None:
         mask_n = offs_n < DSTATE
 
         # Every load is issued before the first barrier (in the conv-state shift at the end), so the state, dt and
-        # conv reads are in flight together: a decode step is latency-bound, not bandwidth-bound.
+        # conv reads are in flight together: a decode step is latency-bound, not bandwidth-bound. The SSM state and
+        # the parameters load before the wait for the previous kernel (PDL): only this kernel writes them.
         s_ptrs = (SSM + pid_b * stride_s_b + pid_h * stride_s_h
                   + offs_p[:, None] * stride_s_p + offs_n[None, :] * stride_s_n)
         s_mask = mask_p[:, None] & mask_n[None, :]
         state = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+        A = -tl.exp(tl.load(A_LOG + pid_h).to(tl.float32))
+        if HAS_DT_BIAS:
+            dt_bias = tl.load(DT_BIAS + pid_h).to(tl.float32)
+        wait_for_previous_kernel(USE_PDL)
         dt = tl.load(zx_row + 2 * D_INNER + 2 * GN + pid_h).to(tl.float32)
         if HAS_DT_BIAS:
-            dt += tl.load(DT_BIAS + pid_h).to(tl.float32)
-        A = -tl.exp(tl.load(A_LOG + pid_h).to(tl.float32))
+            dt += dt_bias
 
         # Conv outputs are rounded to the activation dtype, as the unfused conv update returns them.
         x_chan = pid_h * HEADDIM + offs_p
+        # The advanced conv-state rows are loaded now, with everything else, and stored at the end: the stores then
+        # wait on no load (the end of a step is on the critical path of the decode step).
+        x_next = _conv_state_next(zx_row, cs_row, x_chan, mask_p, stride_cs_c, stride_cs_k, D_INNER, STATE_LEN,
+                                  SL_PAD, CS_ROUND)
+        if SHIFT_BC:
+            b_chan = D_INNER + group * DSTATE + offs_n
+            b_next = _conv_state_next(zx_row, cs_row, b_chan, mask_n, stride_cs_c, stride_cs_k, D_INNER, STATE_LEN,
+                                      SL_PAD, CS_ROUND)
+            c_next = _conv_state_next(zx_row, cs_row, b_chan + GN, mask_n, stride_cs_c, stride_cs_k, D_INNER,
+                                      STATE_LEN, SL_PAD, CS_ROUND)
         x = _round(_conv_silu(zx_row, cs_row, CONV_W, CONV_B, x_chan, mask_p, stride_cs_c, stride_cs_k, stride_w_c,
                               stride_w_k, D_INNER, STATE_LEN, KW, KW_PAD, HAS_CONV_BIAS), ACT_ROUND)
         b_chan = D_INNER + group * DSTATE + offs_n
@@ -179,9 +216,18 @@ if triton is not None:
         tl.store(Y + pid_b * stride_y_b + x_chan, _round(y, Y_ROUND).to(Y.dtype.element_ty), mask=mask_p)
 
         # Last: this program's own x rows of the conv state (their window was read above). B and C rows are read by
-        # every program of the group, so the norm kernel shifts them, after all of these finished.
-        _conv_state_shift(zx_row, cs_row, x_chan, mask_p, stride_cs_c, stride_cs_k, D_INNER, STATE_LEN, SL_PAD,
-                          CS_ROUND)
+        # every program of the group: the norm kernel shifts them after all of these finished, or (SHIFT_BC) the last
+        # program of the group to arrive stores the rows it loaded above, counted on an arrival counter that it
+        # resets for the next step.
+        tl.debug_barrier()  # every thread's loads of the conv-state rows are performed before any store to them
+        _conv_state_store(cs_row, x_chan, mask_p, x_next, stride_cs_c, stride_cs_k, STATE_LEN, SL_PAD)
+        if SHIFT_BC:
+            counter = ARRIVALS + pid_b * (GN // DSTATE) + group
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")  # release: our reads happen before; acquire: theirs
+            if arrived == PROGRAMS_PER_GROUP - 1:
+                _conv_state_store(cs_row, b_chan, mask_n, b_next, stride_cs_c, stride_cs_k, STATE_LEN, SL_PAD)
+                _conv_state_store(cs_row, b_chan + GN, mask_n, c_next, stride_cs_c, stride_cs_k, STATE_LEN, SL_PAD)
+                tl.store(counter, 0)
 
     @triton.jit
     def _gated_norm_kernel(
@@ -218,6 +264,22 @@ if triton is not None:
 
 
 
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+_MIN_ARRIVAL_COUNTERS = 4096  # batch x groups; allocated once so that a CUDA graph capture never has to grow it
+
+
+def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters for the SHIFT_BC rendezvous (the kernel leaves them zero again), one per (row, group),
+    shared by every layer (their kernels run one after another)."""
+    found = _ARRIVALS.get(device)
+    if found is None or found.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the fused Mamba decode needs more arrival counters than it allocated before this "
+                               "CUDA graph capture: run one eager step of this batch size first")
+        found = _ARRIVALS[device] = torch.zeros(max(count, _MIN_ARRIVAL_COUNTERS), device=device, dtype=torch.int32)
+    return found
+
+
 def _round_kind(dtype: torch.dtype) -> int:
     if dtype not in _ROUND_KIND:
         raise ValueError(f"the fused decode supports float32, bfloat16 and float16 tensors, got {dtype}")
@@ -237,15 +299,20 @@ def mamba_decode_step_triton(
     A_log: torch.Tensor,
     dt_bias: torch.Tensor | None,
     D: torch.Tensor | None,
-    norm_weight: torch.Tensor,
+    norm_weight: torch.Tensor | None,
     *,
     norm_group_size: int,
     eps: float,
     dt_limit: tuple[float, float] = (0.0, math.inf),
     dt_softplus: bool = True,
     y_dtype: torch.dtype | None = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """One Mamba-2 mixer decode step from ``in_proj``'s output to ``out_proj``'s input; states advance in place.
+
+    ``normalize=False`` stops before the gated norm and returns ``y`` itself (for a consumer that normalises, like
+    ``triton_fused_gemv``'s ``gated_norm`` prologue): then one kernel does the whole step, conv state included, and
+    ``norm_weight`` may be None.
 
     ``zxbcdt`` [b, 2*d_inner + 2*G*N + H] (the local shard's ``[z | x | B | C | dt]``, last dim contiguous, rows
     any stride); ``conv_state`` [b, d_inner + 2*G*N, state_len >= w - 1] (oldest input first); ``conv_weight``
@@ -278,9 +345,10 @@ def mamba_decode_step_triton(
     for name, param in (("A_log", A_log), ("dt_bias", dt_bias), ("D", D)):
         if param is not None and param.shape != (nheads,):  # per-head only (no [h, p] forms): one scalar a program
             raise ValueError(f"{name} must be [{nheads}], got shape {tuple(param.shape)}")
-    if norm_group_size <= 0 or d_inner % norm_group_size or norm_weight.shape != (d_inner,):
+    if normalize and (norm_weight is None or norm_weight.shape != (d_inner,)
+                      or norm_group_size <= 0 or d_inner % norm_group_size):
         raise ValueError(f"norm_weight [{d_inner}] with group size {norm_group_size} dividing it, "
-                         f"got {tuple(norm_weight.shape)} and {norm_group_size}")
+                         f"got {None if norm_weight is None else tuple(norm_weight.shape)} and {norm_group_size}")
     act_round, cs_round = _round_kind(zxbcdt.dtype), _round_kind(conv_state.dtype)
     if zxbcdt.stride(-1) != 1:
         zxbcdt = zxbcdt.contiguous()
@@ -296,9 +364,12 @@ def mamba_decode_step_triton(
     block_p = min(_pow2(headdim), max(1, STATE_TILE_ELEMENTS // block_n))
     kw_pad, sl_pad = _pow2(kw), _pow2(state_len)
     dummy = A_log  # never read: the HAS_* flags compile the loads out
-    _ssm_decode_kernel[(batch, nheads, triton.cdiv(headdim, block_p))](
+    p_blocks = triton.cdiv(headdim, block_p)
+    arrivals = _arrival_counters(zxbcdt.device, batch * ngroups) if not normalize else dummy
+    use_pdl = pdl_mode(zxbcdt.device)
+    _ssm_decode_kernel[(batch, nheads, p_blocks)](
         zxbcdt, conv_state, conv_weight, conv_bias if conv_bias is not None else dummy, ssm_state, A_log,
-        dt_bias if dt_bias is not None else dummy, D if D is not None else dummy, y,
+        dt_bias if dt_bias is not None else dummy, D if D is not None else dummy, y, arrivals,
         low, high,
         zxbcdt.stride(0),
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
@@ -312,8 +383,11 @@ def mamba_decode_step_triton(
         ACT_ROUND=act_round, Y_ROUND=_round_kind(y.dtype), STATE_ROUND=_round_kind(ssm_state.dtype),
         CS_ROUND=cs_round,
         BLOCK_P=block_p, BLOCK_N=block_n, KW_PAD=kw_pad, SL_PAD=sl_pad,
-        num_warps=SSM_WARPS,
+        SHIFT_BC=not normalize, PROGRAMS_PER_GROUP=(nheads // ngroups) * p_blocks, USE_PDL=use_pdl,
+        num_warps=SSM_WARPS, **launch_options(use_pdl),
     )
+    if not normalize:
+        return y
     norm_groups = d_inner // norm_group_size
     bc_per_program = triton.cdiv(gn2, norm_groups)
     _gated_norm_kernel[(batch, norm_groups)](

@@ -25,7 +25,7 @@ import pytest
 import torch
 from engine_testlib import TOLERANCE, VARIANTS, full_logits, make_config, make_model, random_ids, relative_error
 
-from megatron_hybrid.inference import InferenceEngine, SamplingParams
+from megatron_hybrid.inference import InferenceEngine, SamplingParams, fused_decode
 from megatron_hybrid.inference.context import InferenceContext
 from megatron_hybrid.inference.model_runner import ModelRunner
 from megatron_hybrid.inference.sampling import greedy_tokens
@@ -180,7 +180,7 @@ def gpu_path_on_cpu(monkeypatch):
     # the shared jit helpers too: a kernel interpreted now must not call ones compiled for a GPU
     importlib.reload(importlib.import_module("megatron_hybrid.ops._triton_common"))
     modules = {}
-    for name in ("triton_decode", "triton_add_norm", "triton_attention"):
+    for name in ("triton_decode", "triton_add_norm", "triton_attention", "triton_fused_gemv"):
         full = f"megatron_hybrid.ops.{name}"
         module = importlib.reload(sys.modules[full]) if full in sys.modules else importlib.import_module(full)
         if module.UNAVAILABLE_REASON is not None:
@@ -201,6 +201,8 @@ def gpu_path_on_cpu(monkeypatch):
                         lambda op, mode, tensor, module_name, entry, what, fallback:
                         counted(module_name.rsplit(".", 1)[1], getattr(modules[module_name], entry)))
     monkeypatch.setattr(attention, "FUSED_DECODE_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_decode, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_decode, "load_own_triton", lambda module_name, entry, what: None)
     mamba_ssm_loader.reset_kernel_cache()
     yield calls
     mamba_ssm_loader.reset_kernel_cache()
@@ -223,6 +225,75 @@ def test_interpreted_gpu_decode_path_matches_full_forward(variant: str, gpu_path
     assert calls.get("triton_attention", 0) == STEPS * pattern.count("*")
     assert calls.get("triton_decode", 0) == STEPS * pattern.count("M")
     assert calls.get("triton_add_norm", 0) == STEPS * len(pattern)  # every layer after the first, and the final norm
+
+
+def _batch_one_run(model, fused: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A prompt, then STEPS batch-1 decode steps (through ``FusedDecoder`` or the layers); every step's logits (copied)
+    and the final caches."""
+    vocab = model.config.vocab_size
+    runner = ModelRunner(model, max_batch_size=2, max_sequence_length=32, lean_decode=False, fused_decode_step=fused)
+    assert (runner.fused_decoder is not None) is fused
+    prompt, continuation = random_ids(vocab, 7, seed=1), random_ids(vocab, STEPS, seed=2)
+    runner.prefill(0, torch.tensor([prompt]))
+    logits = [runner.decode([token], [7 + step], 8 + step).clone() for step, token in enumerate(continuation)]
+    caches = [t.clone() for pair in (*runner.context.mamba.values(), *runner.context.kv.values()) for t in pair]
+    return logits, caches
+
+
+@needs_interpreter
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_interpreted_fused_decode_step_matches_the_layer_path(variant: str, gpu_path_on_cpu) -> None:
+    """``FusedDecoder`` (norms in the linears' prologues, one-kernel Mamba step, activations in fc1's epilogue): two
+    kernels per layer plus the Mamba step and attention, the same logits and caches as the layers' CUDA path (float32
+    within 1e-5 relative, bf16 to its rounding), and float32 within the usual bound of the full forward."""
+    calls = gpu_path_on_cpu
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_model(variant).to(dtype)
+        layers_logits, layers_caches = _batch_one_run(model, fused=False)
+        calls.clear()
+        fused_logits, fused_caches = _batch_one_run(model, fused=True)
+        pattern = model.config.layer_pattern
+        assert calls.get("triton_fused_gemv", 0) == STEPS * 2 * len(pattern)
+        assert calls.get("triton_decode", 0) == STEPS * pattern.count("M")
+        assert calls.get("triton_attention", 0) == STEPS * pattern.count("*")
+        assert calls.get("triton_add_norm", 0) == STEPS  # the final norm only
+        bound = 1e-5 if dtype == torch.float32 else 1e-2
+        for step, (a, b) in enumerate(zip(fused_logits, layers_logits)):
+            assert relative_error(a.float(), b.float()) <= bound, f"{dtype} step {step}"
+        for index, (a, b) in enumerate(zip(fused_caches, layers_caches)):
+            assert relative_error(a.float(), b.float()) <= bound, f"{dtype} cache {index}"
+        if dtype == torch.float32:
+            sequence = random_ids(model.config.vocab_size, 7, seed=1) + random_ids(model.config.vocab_size, STEPS,
+                                                                                   seed=2)
+            reference = full_logits(model, sequence)
+            for step, logits in enumerate(fused_logits):
+                assert relative_error(logits[0], reference[7 + step]) <= TOLERANCE
+
+
+def test_fused_decoder_refuses_what_it_cannot_run(monkeypatch) -> None:
+    """Each refusal names its reason (the runner then keeps the layer path); a supported model builds."""
+    model = make_model("hybrid_rope_swiglu_bias")
+    context = InferenceContext(model, max_batch_size=1, max_sequence_length=8)
+    assert "not CUDA" in fused_decode.FusedDecoder.unsupported_reason(model, context)
+    with pytest.raises(ValueError, match="FusedDecoder cannot run this model: .*not CUDA"):
+        fused_decode.FusedDecoder(model, context)
+    assert ModelRunner(model, max_batch_size=1, max_sequence_length=8).fused_decoder is None
+    monkeypatch.setattr(fused_decode, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_decode, "load_own_triton", lambda module_name, entry, what: None)
+    from megatron_hybrid.layers import attention
+
+    assert "attention is off" in fused_decode.FusedDecoder.unsupported_reason(model, context)
+    monkeypatch.setattr(attention, "FUSED_DECODE_DEVICE_TYPES", ("cuda", "cpu"))
+    assert fused_decode.FusedDecoder.unsupported_reason(model, context) is None
+    model.train()
+    assert "training" in fused_decode.FusedDecoder.unsupported_reason(model, context)
+    model.eval()
+    layer = model.decoder.layers["2"]
+    layer.__class__ = _CustomMLPLayer  # an overridden forward: not a stock layer
+    assert "stock layer" in fused_decode.FusedDecoder.unsupported_reason(model, context)
+    layer.__class__ = MLPLayer
+    wide = make_model("hybrid_rope_swiglu_bias", ffn_hidden_size=4100)
+    assert "more than the fused GEMV's 4096" in fused_decode.FusedDecoder.unsupported_reason(wide)
 
 
 # ------------------------------------------------------------------------------------------------ runner and engine
@@ -301,3 +372,90 @@ def test_engine_greedy_fast_path_gives_the_sampling_path_tokens(lean: bool) -> N
         outputs[logprobs] = [o.token_ids for o in engine.generate(prompts, params)]
         assert bool(calls) is not logprobs
     assert outputs[False] == outputs[True]
+
+
+class _PipelinedCpuRunner:
+    """The pipelined greedy interface of a CUDA-graph ``ModelRunner`` (``decode_greedy_async``,
+    ``decode_greedy_next``) emulated on CPU around a real runner: each step runs when it is queued, as on the GPU, and
+    the queued step's inputs are the previous step's tokens at positions + 1, as the graphs feed them."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.next_inputs: tuple[list[int], list[int]] | None = None
+        self.queued = 0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def _run(self, token_ids: list[int], positions: list[int]):
+        tokens = self.runner.decode_greedy(token_ids, positions, max(positions) + 1).tolist()
+        self.next_inputs = (tokens, [p + 1 for p in positions])
+        return _Ready(tokens)
+
+    def decode_greedy_async(self, token_ids, positions, attention_length):
+        return self._run(list(token_ids), list(positions))
+
+    def decode_greedy_next(self, batch: int):
+        self.queued += 1
+        tokens, positions = self.next_inputs
+        return self._run(tokens[:batch], positions[:batch])
+
+
+class _Ready:
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
+    def tolist(self) -> list[int]:
+        return self.tokens
+
+
+def test_pipelined_greedy_engine_gives_the_tokens_and_events_of_the_plain_one() -> None:
+    """The engine's pipelined greedy steps (the step after the current one queued before its tokens are read), with
+    requests ending by stop token and by length at different steps, a request admitted mid-run (continuous batching)
+    and one aborted mid-run: every request's tokens, finish reason and event sequence equal the unpipelined engine's,
+    and steps were indeed queued ahead."""
+    model = make_model("hybrid_rope_swiglu_bias", seed=4)
+    vocab = model.config.vocab_size
+    prompts = [random_ids(vocab, n, seed=30 + n) for n in (3, 8, 5, 6)]
+    plain = InferenceEngine(model, max_batch_size=3, max_sequence_length=40, lean_decode=False)
+    # a stop token that the plain greedy run of request 0 produces at its 4th step
+    probe = plain.generate([prompts[0]], SamplingParams(max_new_tokens=12, temperature=0.0))[0].token_ids
+    stop = probe[3]
+    params = [
+        SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=(stop,)),
+        SamplingParams(max_new_tokens=5, temperature=0.0),
+        SamplingParams(max_new_tokens=9, temperature=0.0),
+        SamplingParams(max_new_tokens=7, temperature=0.0),
+    ]
+    runs = {}
+    for pipelined in (False, True):
+        engine = InferenceEngine(model, max_batch_size=3, max_sequence_length=40, lean_decode=False)
+        if pipelined:
+            engine.runner = _PipelinedCpuRunner(engine.runner)
+            engine._pipelined = True
+        events: dict[str, list[tuple[int, bool, str | None]]] = {}
+        for index in range(3):
+            engine.add_request(f"r{index}", prompts[index], params[index])
+        steps = 0
+        while engine.has_unfinished():
+            for event in engine.step():
+                events.setdefault(event.request_id, []).append((event.token_id, event.finished, event.finish_reason))
+            steps += 1
+            if steps == 2:
+                engine.add_request("r3", prompts[3], params[3])  # admitted when a slot frees
+            if steps == 3:
+                engine.abort("r2")
+        outputs = {rid: engine.pop_output(rid) for rid in ("r0", "r1", "r3")}
+        runs[pipelined] = events, {rid: (o.token_ids, o.finish_reason) for rid, o in outputs.items()}
+        if pipelined:
+            assert engine.runner.queued > 0
+    (events, outputs), (plain_events, plain_outputs) = runs[True], runs[False]
+    assert outputs == plain_outputs
+    assert {rid: events[rid] for rid in ("r0", "r1", "r3")} == {rid: plain_events[rid] for rid in ("r0", "r1", "r3")}
+    assert plain_outputs["r0"][1] == "stop" and plain_outputs["r1"][1] == "length"
+    # The aborted request: its tokens up to the abort are its greedy tokens (the pipelined engine may have read one
+    # more step by then: a request that ended at step 3 made it read the step queued ahead), then the abort event.
+    unaborted = plain.generate([prompts[2]], params[2])[0].token_ids
+    for stream in (events["r2"], plain_events["r2"]):
+        assert stream[-1] == (-1, True, "abort")
+        assert [token for token, _, _ in stream[:-1]] == unaborted[: len(stream) - 1]

@@ -120,3 +120,64 @@ def test_bf16_decode_fusions_match_the_unfused_step(variant: str) -> None:
         assert relative_error(a, b) <= 3e-2, f"step {step}"
     for a, b in zip(fused_kv, unfused_kv):
         assert relative_error(a, b) <= 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["hybrid_rope_swiglu_bias", "hybrid_gelu_fp32_residual_tied",
+                                     "mamba_ngroups4_dt_limit", "attention_partial_rope_mqa"])
+def test_fused_decode_step_matches_the_layer_path(variant: str, dtype: torch.dtype) -> None:
+    """Batch-1 steps through ``FusedDecoder`` (eager, and replayed in the batch-1 CUDA graph with PDL where the GPU
+    has it) against the layer path from identical caches: logits and every cache, float32 to 1e-4 relative, bf16 to
+    its rounding (the two paths round at the same places; only float32 summation order differs)."""
+    model = make_model(variant).to(device="cuda", dtype=dtype)
+    vocab = model.config.vocab_size
+    prompt = torch.tensor([random_ids(vocab, 9, seed=3)], device="cuda")
+    tokens = random_ids(vocab, 5, seed=4)
+    runs = {}
+    for name, fused, graphs in (("layers", False, False), ("fused", True, False), ("fused_graph", True, True)):
+        runner = ModelRunner(model, max_batch_size=2, max_sequence_length=32, use_cuda_graphs=graphs,
+                             fused_decode_step=fused)
+        assert (runner.fused_decoder is not None) is fused
+        runner.prefill(0, prompt)
+        # clone: with graphs, decode returns the graph's static output, which the next step overwrites
+        logits = [runner.decode([token], [9 + step], 10 + step).float().clone() for step, token in enumerate(tokens)]
+        caches = [t.float().clone() for pair in (*runner.context.mamba.values(), *runner.context.kv.values())
+                  for t in pair]
+        runs[name] = logits, caches
+    bound = TOLERANCE if dtype == torch.float32 else 2e-2
+    reference_logits, reference_caches = runs.pop("layers")
+    for name, (logits, caches) in runs.items():
+        for step, (a, b) in enumerate(zip(logits, reference_logits)):
+            assert relative_error(a, b) <= bound, f"{name} step {step}"
+        for index, (a, b) in enumerate(zip(caches, reference_caches)):
+            assert relative_error(a, b) <= bound, f"{name} cache {index}"
+
+
+def test_pipelined_greedy_graph_steps_give_the_eager_tokens() -> None:
+    """With CUDA graphs, greedy steps are pipelined (the next step queued on the device-fed inputs before the host
+    reads this one's tokens): requests ending by stop token and by length at different steps, and one admitted
+    mid-run, get exactly the tokens of eager decoding."""
+    model = make_model("hybrid_gelu_fp32_residual_tied", seed=4).cuda()
+    vocab = model.config.vocab_size
+    prompts = [random_ids(vocab, n, seed=30 + n) for n in (3, 8, 5, 6)]
+    eager = InferenceEngine(model, max_batch_size=3, max_sequence_length=48)
+    stop = eager.generate([prompts[0]], SamplingParams(max_new_tokens=12, temperature=0.0))[0].token_ids[3]
+    params = [SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=(stop,))] + [
+        SamplingParams(max_new_tokens=n, temperature=0.0) for n in (5, 9, 20)
+    ]
+    outputs = {}
+    for graphs in (False, True):
+        engine = InferenceEngine(model, max_batch_size=3, max_sequence_length=48, use_cuda_graphs=graphs)
+        assert engine._pipelined is graphs
+        for index in range(3):
+            engine.add_request(f"r{index}", prompts[index], params[index])
+        steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+            if steps == 2:
+                engine.add_request("r3", prompts[3], params[3])
+        outputs[graphs] = {rid: (o.token_ids, o.finish_reason) for rid in ("r0", "r1", "r2", "r3")
+                           for o in [engine.pop_output(rid)]}
+    assert outputs[True] == outputs[False]
+    assert outputs[False]["r0"][1] == "stop"

@@ -57,8 +57,9 @@ def test_in_a_fresh_process():
 
 
 def _reference_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A_log, dt_bias, D, norm_weight,
-                    group_size, eps, dt_limit):
-    """The unfused decode step of ``MambaMixer._decode_step`` on CPU (states advance in place)."""
+                    group_size, eps, dt_limit, normalize=True):
+    """The unfused decode step of ``MambaMixer._decode_step`` on CPU (states advance in place); ``y`` before the
+    gated norm when not ``normalize``."""
     b, h, p, n = ssm_state.shape
     d_inner = h * p
     gn = (conv_weight.shape[0] - d_inner) // 2
@@ -70,6 +71,8 @@ def _reference_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A_log
         ssm_state, x.reshape(b, h, p), dt, -torch.exp(A_log.float()), B.reshape(b, g, n), C.reshape(b, g, n),
         D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit,
     )
+    if not normalize:
+        return y.reshape(b, d_inner)
     return ops.gated_rms_norm_ref(y.reshape(b, d_inner), z, norm_weight, eps, group_size)
 
 
@@ -97,7 +100,8 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).abs().max() / (want.double().abs().max() + 1e-30)).item()
 
 
-def _run_steps(tdecode, b, h, p, n, g, w, *, state_len, dtype, state_dtype, dt_limit, group_size=None, **kw):
+def _run_steps(tdecode, b, h, p, n, g, w, *, state_len, dtype, state_dtype, dt_limit, group_size=None,
+               normalize=True, **kw):
     params, conv_cache, ssm_cache, inputs = _problem(b, h, p, n, g, w, state_len=state_len, dtype=dtype,
                                                      state_dtype=state_dtype, **kw)
     group_size = group_size or h * p // g
@@ -107,12 +111,12 @@ def _run_steps(tdecode, b, h, p, n, g, w, *, state_len, dtype, state_dtype, dt_l
         zxbcdt = wide[:, 1:-2]  # a row-strided view, like a slice of a wider buffer
         got = tdecode.mamba_decode_step_triton(
             zxbcdt, conv_cache[:b], params["conv_weight"], params["conv_bias"], ssm_cache[:b], params["A_log"],
-            params["dt_bias"], params["D"], params["norm_weight"], norm_group_size=group_size, eps=1e-5,
-            dt_limit=dt_limit,
+            params["dt_bias"], params["D"], params["norm_weight"] if normalize else None, norm_group_size=group_size,
+            eps=1e-5, dt_limit=dt_limit, normalize=normalize,
         )
         want = _reference_step(
             zxbcdt, conv_ref[:b], params["conv_weight"], params["conv_bias"], ssm_ref[:b], params["A_log"],
-            params["dt_bias"], params["D"], params["norm_weight"], group_size, 1e-5, dt_limit,
+            params["dt_bias"], params["D"], params["norm_weight"], group_size, 1e-5, dt_limit, normalize,
         )
         assert got.shape == want.shape and got.dtype == want.dtype == dtype
         errors.append((_rel_err(got, want), _rel_err(conv_cache, conv_ref), _rel_err(ssm_cache, ssm_ref)))
@@ -136,6 +140,20 @@ def test_matches_reference_over_steps_float32(tdecode, h, p, g, dt_limit):
     for step, (out, conv, ssm) in enumerate(errors):
         assert out <= 1e-5 and ssm <= 1e-5, f"step {step}: output {out:.2e}, ssm state {ssm:.2e}"
         assert conv == 0.0, f"step {step}: the conv state is a copy of inputs, error {conv:.2e}"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unnormalized_step_is_one_kernel_that_advances_the_whole_conv_state(tdecode, dtype):
+    """``normalize=False`` (the fused decode step's mode): y before the gated norm, and the B/C conv-state rows shifted
+    by the last program of each group to arrive (4 programs per group here); over several steps, so a counter left
+    non-zero would skip the next step's shift and show in the conv state."""
+    errors = _run_steps(tdecode, 2, 8, 16, 16, 2, 4, state_len=3, dtype=dtype, state_dtype=torch.float32,
+                        dt_limit=(0.0, math.inf), normalize=False)
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    for step, (y_err, conv_err, ssm_err) in enumerate(errors):
+        assert y_err <= bound and conv_err == 0.0 and ssm_err <= 1e-5, f"step {step}: {y_err}, {conv_err}, {ssm_err}"
+    assert int(tdecode._arrival_counters(torch.device("cpu"), 1).abs().sum()) == 0  # left zero for the next step
 
 
 @needs_interpreter
