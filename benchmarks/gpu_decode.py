@@ -753,7 +753,7 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also time transformers NemotronH generate")
     parser.add_argument("--parts", nargs="+", default=["decode", "prefill"],
                         choices=["gemv", "fused_gemv", "fused_step", "decode", "prefill", "kernels", "layer",
-                                 "model_step", "kernel_times"],
+                                 "model_step", "kernel_times", "engine_profile"],
                         help="which measurements to run (the roofline always); see the module docstring")
     parser.add_argument("--no-fused-decode", action="store_true",
                         help="decode/prefill parts: the unfused decode (every decode fusion off)")
@@ -819,6 +819,32 @@ def main() -> None:
             del engine
             gc.collect()  # release the engine's caches and graph pools before the next part measures memory
             return out
+
+    if "engine_profile" in args.parts:
+
+        @part("engine_profile")
+        def _() -> dict:
+            """GPU activity of pipelined batch-1 engine steps (graphs): which kernels and copies a step runs."""
+            engine = InferenceEngine(model, max_batch_size=max_batch, max_sequence_length=PROMPT + args.new_tokens,
+                                     use_cuda_graphs=True)
+            prompt = torch.randint(0, engine.vocab_size, (PROMPT,)).tolist()
+            engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0))
+            engine.add_request("p", prompt, SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0))
+            engine.step()
+            for _ in range(10):
+                engine.step()
+            steps = 50
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            durations, _ = profile_kernels(engine.step, steps)
+            step_us = 1e6 * (time.perf_counter() - start) / steps  # profiled: slower than unprofiled steps
+            while engine.has_unfinished():
+                engine.step()
+            engine.pop_output("p")
+            table = kernel_table(durations, steps, step_us)
+            print_kernel_table("engine_profile", table, top=15)
+            engine.close()
+            return table
 
     @part("prefill")
     def _() -> dict:

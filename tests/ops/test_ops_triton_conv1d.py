@@ -12,10 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 from triton_interpreter import (
-    import_interpreted,
     interpret_if_possible,
+    interpreted_kernel_modules,
     is_interpreted,
-    restore_environment,
     run_in_fresh_process,
 )
 
@@ -25,7 +24,7 @@ triton = pytest.importorskip(
 )
 
 from megatron_hybrid import ops  # noqa: E402
-from megatron_hybrid.ops import backend, mamba_ssm_loader  # noqa: E402
+from megatron_hybrid.ops import backend  # noqa: E402
 
 MODULE = "megatron_hybrid.ops.triton_conv1d"
 INTERPRETED = is_interpreted(triton)
@@ -36,15 +35,7 @@ needs_interpreter = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tconv():
-    """The kernel module, (re)imported with the interpreter on."""
-    try:
-        module = import_interpreted(MODULE)
-    except ImportError as exc:  # e.g. a triton without tl.gather
-        pytest.skip(f"the Triton conv1d cannot be imported: {exc}")
-    mamba_ssm_loader.reset_kernel_cache()
-    yield module
-    mamba_ssm_loader.reset_kernel_cache()
-    restore_environment()
+    yield from interpreted_kernel_modules(MODULE)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")

@@ -15,10 +15,9 @@ import importlib
 import pytest
 import torch
 from triton_interpreter import (
-    import_interpreted,
     interpret_if_possible,
+    interpreted_kernel_modules,
     is_interpreted,
-    restore_environment,
     run_in_fresh_process,
 )
 
@@ -26,7 +25,7 @@ interpret_if_possible()
 triton = pytest.importorskip("triton", reason="triton is not installed: these kernels are checked only with it")
 
 from megatron_hybrid import ops  # noqa: E402
-from megatron_hybrid.ops import backend, mamba_ssm_loader  # noqa: E402
+from megatron_hybrid.ops import backend  # noqa: E402
 
 NORM_MODULE = "megatron_hybrid.ops.triton_add_norm"
 ATTENTION_MODULE = "megatron_hybrid.ops.triton_attention"
@@ -40,21 +39,9 @@ on_gpu = [
 ]
 
 
-def _interpreted(name: str):
-    module = import_interpreted(name)
-    if module.UNAVAILABLE_REASON is not None:
-        pytest.skip(module.UNAVAILABLE_REASON)
-    return module
-
-
 @pytest.fixture(scope="module")
 def kernels():
-    """Both kernel modules, (re)imported with the interpreter on (another module's teardown may have unset it)."""
-    modules = _interpreted(NORM_MODULE), _interpreted(ATTENTION_MODULE)
-    mamba_ssm_loader.reset_kernel_cache()
-    yield modules
-    mamba_ssm_loader.reset_kernel_cache()
-    restore_environment()
+    yield from interpreted_kernel_modules(NORM_MODULE, ATTENTION_MODULE)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")

@@ -17,10 +17,9 @@ import math
 import pytest
 import torch
 from triton_interpreter import (
-    import_interpreted,
     interpret_if_possible,
+    interpreted_kernel_modules,
     is_interpreted,
-    restore_environment,
     run_in_fresh_process,
 )
 
@@ -30,7 +29,7 @@ triton = pytest.importorskip(
 )
 
 from megatron_hybrid import ops  # noqa: E402
-from megatron_hybrid.ops import backend, mamba_ssm_loader  # noqa: E402
+from megatron_hybrid.ops import backend  # noqa: E402
 
 MODULE = "megatron_hybrid.ops.triton_decode"
 INTERPRETED = is_interpreted(triton)
@@ -41,14 +40,7 @@ needs_interpreter = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tdecode():
-    """The kernel module, (re)imported with the interpreter on (another test module's teardown may have unset it)."""
-    module = import_interpreted(MODULE)
-    if module.UNAVAILABLE_REASON is not None:
-        pytest.skip(module.UNAVAILABLE_REASON)
-    mamba_ssm_loader.reset_kernel_cache()
-    yield module
-    mamba_ssm_loader.reset_kernel_cache()
-    restore_environment()
+    yield from interpreted_kernel_modules(MODULE)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")

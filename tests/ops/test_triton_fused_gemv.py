@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from triton_interpreter import (
-    import_interpreted,
     interpret_if_possible,
+    interpreted_kernel_modules,
     is_interpreted,
-    restore_environment,
     run_in_fresh_process,
 )
 
@@ -27,7 +26,6 @@ triton = pytest.importorskip(
 
 from megatron_hybrid import ops  # noqa: E402
 from megatron_hybrid.layers.mlp import squared_relu  # noqa: E402
-from megatron_hybrid.ops import mamba_ssm_loader  # noqa: E402
 
 MODULE = "megatron_hybrid.ops.triton_fused_gemv"
 INTERPRETED = is_interpreted(triton)
@@ -42,14 +40,7 @@ ACTIVATIONS = {None: lambda t: t, "squared_relu": squared_relu, "gelu": F.gelu}
 
 @pytest.fixture(scope="module")
 def fgemv():
-    """The kernel module, (re)imported with the interpreter on (another test module's teardown may have unset it)."""
-    module = import_interpreted(MODULE)
-    if module.UNAVAILABLE_REASON is not None:
-        pytest.skip(module.UNAVAILABLE_REASON)
-    mamba_ssm_loader.reset_kernel_cache()
-    yield module
-    mamba_ssm_loader.reset_kernel_cache()
-    restore_environment()
+    yield from interpreted_kernel_modules(MODULE)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")

@@ -1,5 +1,5 @@
 """Triton's CPU interpreter for the kernel tests of this folder (``test_ops_triton_conv1d``, ``test_triton_decode``,
-``test_triton_add_norm_attention``, ``test_triton_gemv``).
+``test_triton_add_norm_attention``, ``test_triton_gemv``, ``test_triton_fused_gemv``).
 
 ``TRITON_INTERPRET=1`` must be set before triton itself is imported (its own ``@jit`` helpers such as ``tl.zeros`` are
 built at import time), so a test module calls :func:`interpret_if_possible` before importing triton: it sets the
@@ -15,10 +15,14 @@ import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
+
+from megatron_hybrid.ops import mamba_ssm_loader
 
 _PREVIOUS = os.environ.get("TRITON_INTERPRET")  # before the first test module of the session set it
 _SHARED_JIT_HELPERS = "megatron_hybrid.ops._triton_common"
@@ -43,6 +47,25 @@ def import_interpreted(module_name: str) -> ModuleType:
     if module_name in sys.modules:
         return importlib.reload(sys.modules[module_name])
     return importlib.import_module(module_name)
+
+
+def interpreted_kernel_modules(*module_names: str) -> Iterator[ModuleType | tuple[ModuleType, ...]]:
+    """The body of a module-scoped fixture (``yield from`` it): the kernel modules (re)imported with the interpreter on
+    (another test module's teardown may have unset it), the test skipped when one cannot load; the kernel cache reset
+    around the tests, and the environment restored after them. Yields the module, or a tuple of several."""
+    modules = []
+    for name in module_names:
+        try:
+            module = import_interpreted(name)
+        except ImportError as exc:  # e.g. a triton without an op the module needs
+            pytest.skip(f"{name} cannot be imported: {exc}")
+        if getattr(module, "UNAVAILABLE_REASON", None) is not None:
+            pytest.skip(module.UNAVAILABLE_REASON)
+        modules.append(module)
+    mamba_ssm_loader.reset_kernel_cache()
+    yield modules[0] if len(modules) == 1 else tuple(modules)
+    mamba_ssm_loader.reset_kernel_cache()
+    restore_environment()
 
 
 def restore_environment() -> None:
