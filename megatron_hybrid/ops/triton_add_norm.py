@@ -31,11 +31,12 @@ from megatron_hybrid.ops.mamba_ssm_loader import KernelUnavailableError
 __all__ = ["UNAVAILABLE_REASON", "add_rms_norm_triton"]
 
 from megatron_hybrid.ops._triton_common import ROUND_KIND as _ROUND_KIND
-from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, tl, triton
+from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, launch_options, pdl_mode, tl, triton
 
 MAX_FUSED_BYTES = 65536  # one row per program, held in registers: the limit layernorm_gated uses too
 
 if triton is not None:
+    from megatron_hybrid.ops._triton_common import let_next_kernel_launch_early, wait_for_previous_kernel
     from megatron_hybrid.ops._triton_common import round_to_storage as _round
 
 
@@ -44,10 +45,14 @@ if triton is not None:
         X, RES, W, Y, RES_OUT,
         eps,
         N: tl.constexpr, BLOCK_N: tl.constexpr, RES_ROUND: tl.constexpr, X_ROUND: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        let_next_kernel_launch_early(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # a parameter: loaded before the wait
+        wait_for_previous_kernel(USE_PDL)
         x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(RES + row * N + cols, mask=mask, other=0.0).to(tl.float32)
         s = _round(x + r, RES_ROUND)  # the residual stream, rounded as torch's add rounds it
@@ -55,7 +60,6 @@ if triton is not None:
         h = _round(s, X_ROUND)  # what the norm reads: the stream in the working precision
         var = tl.sum(h * h, axis=0) / N
         rstd = 1 / tl.sqrt(var + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         y = h * rstd * w
         tl.store(Y + row * N + cols, _round(y, X_ROUND).to(Y.dtype.element_ty), mask=mask)
 
@@ -94,11 +98,13 @@ def add_rms_norm_triton(
     y = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
     new_residual = torch.empty(x2.shape, device=x.device, dtype=residual_dtype)
     rows = x2.shape[0]
+    use_pdl = pdl_mode(x.device)
     if rows:
         _add_rms_norm_kernel[(rows,)](
             x2, r2, weight, y, new_residual,
             float(eps),
             N=width, BLOCK_N=block, RES_ROUND=_ROUND_KIND[residual_dtype], X_ROUND=_ROUND_KIND[x.dtype],
-            num_warps=min(max(block // 256, 1), 8),  # layernorm_gated's choice (same reduction layout)
+            USE_PDL=use_pdl, num_warps=min(max(block // 256, 1), 8),  # layernorm_gated's choice (same layout)
+            **launch_options(use_pdl),
         )
     return y.view(x.shape), new_residual.view(x.shape)

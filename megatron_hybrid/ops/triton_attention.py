@@ -36,7 +36,7 @@ from megatron_hybrid.ops.mamba_ssm_loader import KernelUnavailableError
 __all__ = ["UNAVAILABLE_REASON", "decode_attention_triton"]
 
 from megatron_hybrid.ops._triton_common import ROUND_KIND as _ROUND_KIND
-from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, tl, triton
+from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, launch_options, pdl_mode, tl, triton
 
 # Module globals, read at every call, so a benchmark can sweep them. A split of 512 keys keeps one program per
 # (row, kv head) for the 800M benchmark's 384-token cache (8 programs at batch 1, ~100 KB of keys and values each)
@@ -48,6 +48,7 @@ PRODUCT_ELEMENTS = 8192
 ATTENTION_WARPS = 4
 
 if triton is not None:
+    from megatron_hybrid.ops._triton_common import let_next_kernel_launch_early, wait_for_previous_kernel
     from megatron_hybrid.ops._triton_common import round_to_storage as _round
 
 
@@ -61,8 +62,10 @@ if triton is not None:
         stride_o_b,
         HEADS: tl.constexpr, HPG: tl.constexpr, HPG_PAD: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
         KEYS_PER_SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_L: tl.constexpr,
-        CACHE_ROUND: tl.constexpr, OUT_ROUND: tl.constexpr,
+        CACHE_ROUND: tl.constexpr, OUT_ROUND: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        let_next_kernel_launch_early(USE_PDL)
+        wait_for_previous_kernel(USE_PDL)  # q, k, v come from the previous kernel; nothing to load before
         pid_b = tl.program_id(0).to(tl.int64)
         pid_g = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -139,8 +142,10 @@ if triton is not None:
         PART_O, PART_ML, OUT,
         stride_o_b,
         HEADS: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, OUT_ROUND: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, OUT_ROUND: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        let_next_kernel_launch_early(USE_PDL)
+        wait_for_previous_kernel(USE_PDL)
         pid_b = tl.program_id(0).to(tl.int64)
         pid_h = tl.program_id(1)
         splits = tl.arange(0, SPLITS_PAD)
@@ -227,6 +232,7 @@ def decode_attention_triton(
     else:
         part_o = part_ml = out  # never touched: NUM_SPLITS == 1 compiles the partial stores out
     positions = positions if positions.stride(0) == 1 else positions.contiguous()
+    use_pdl = pdl_mode(q.device)
     _decode_attention_kernel[(batch, kv_heads, splits)](
         q, k_new, v_new, k_cache, v_cache, positions, out, part_o, part_ml,
         float(dim) ** -0.5,
@@ -237,14 +243,14 @@ def decode_attention_triton(
         out.stride(0),
         HEADS=heads, HPG=hpg, HPG_PAD=hpg_pad, DIM=dim, DIM_PAD=dim_pad,
         KEYS_PER_SPLIT=keys_per_split, NUM_SPLITS=splits, BLOCK_L=block_keys,
-        CACHE_ROUND=_ROUND_KIND[k_cache.dtype], OUT_ROUND=_ROUND_KIND[out.dtype],
-        num_warps=ATTENTION_WARPS,
+        CACHE_ROUND=_ROUND_KIND[k_cache.dtype], OUT_ROUND=_ROUND_KIND[out.dtype], USE_PDL=use_pdl,
+        num_warps=ATTENTION_WARPS, **launch_options(use_pdl),
     )
     if splits > 1:
         _combine_kernel[(batch, heads)](
             part_o, part_ml, out,
             out.stride(0),
             HEADS=heads, DIM=dim, DIM_PAD=dim_pad, NUM_SPLITS=splits, SPLITS_PAD=_pow2(splits),
-            OUT_ROUND=_ROUND_KIND[out.dtype],
+            OUT_ROUND=_ROUND_KIND[out.dtype], USE_PDL=use_pdl, **launch_options(use_pdl),
         )
     return out

@@ -20,9 +20,10 @@ are read by every program of a group in the first kernel, so they are only writt
 stream orders after the first one finished (no reader left). With ``normalize=False`` (one kernel; the caller applies
 the gated norm, e.g. in ``triton_fused_gemv``'s prologue) the last program of a group to arrive writes them instead:
 each program loads its shifted rows up front, then counts itself in on an atomic counter per (row, group) after all
-its loads; the program that completes the count stores the B/C rows and resets the counter for the next step. Within one program the threads that store a shifted
-element are not the ones that loaded it, so every shift loads all it needs, then ``tl.debug_barrier()`` (a CTA-wide
-barrier: all loads of the program are performed), then stores. Each x channel belongs to exactly one program.
+its loads; the program that completes the count stores the B/C rows and resets the counter for the next step.
+Within one program the threads that store a shifted element are not the ones that loaded it, so every shift loads all
+it needs, then ``tl.debug_barrier()`` (a CTA-wide barrier: all loads of the program are performed), then stores. Each
+x channel belongs to exactly one program.
 
 Semantics are those of the unfused reference composition ``causal_conv1d_update_ref`` (conv state
 ``[b, conv_dim, state_len >= d_conv - 1]``, oldest input first) + ``ssm_state_update_ref`` (dt processed as
