@@ -12,7 +12,7 @@ from megatron_hybrid.config import HybridConfig
 from megatron_hybrid.layers.init import normal_init
 from megatron_hybrid.layers.sharded_param import sharded_parameter
 from megatron_hybrid.models.specs import local_stack_spec
-from megatron_hybrid.parallel.cross_entropy import linear_cross_entropy, vocab_parallel_cross_entropy
+from megatron_hybrid.parallel.cross_entropy import LogitsWorkspace, linear_cross_entropy, vocab_parallel_cross_entropy
 from megatron_hybrid.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence_parallel,
@@ -98,6 +98,8 @@ class MambaModel(nn.Module):
             self.output_layer = nn.Module()
             self.output_layer.weight = sharded_parameter(weight, self.groups)
             self.output_layer.weight.shared_embedding = self.share_embeddings_and_output_weights
+        # The fused CPU output layer + loss keeps its [tokens, vocab] buffer here between steps (see LogitsWorkspace).
+        self._logits_workspace = LogitsWorkspace()
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -158,7 +160,9 @@ class MambaModel(nn.Module):
             # Output layer and loss fused: the [s, b, vocab] logits are never materialised as a separate tensor.
             # CPU only: its float32 slice-by-slice matmuls would bypass autocast's bf16 tensor cores on a GPU, where
             # the chunked vocab_parallel_cross_entropy below keeps the memory down instead.
-            loss = linear_cross_entropy(hidden_states, self.output_weight, labels.transpose(0, 1))
+            loss = linear_cross_entropy(
+                hidden_states, self.output_weight, labels.transpose(0, 1), self._logits_workspace
+            )
             return loss.transpose(0, 1).contiguous()
         logits = F.linear(hidden_states, self.output_weight)  # [s, b, vocab / tp]
         if labels is not None:
