@@ -11,6 +11,12 @@ Each ``step()``:
 Live requests always occupy the leading slots ``0 .. n - 1``: when one finishes, the last one's caches move into its
 slot. A decode step is then one batched forward over contiguous leading views of every cache (CUDA-graph friendly).
 
+With CUDA graphs (tensor-parallel size 1) all-greedy steps are pipelined: each ``step()`` queues the NEXT decode step
+(its inputs fed on the device by the current one) before reading the current one's tokens, so the GPU never waits for
+the host's bookkeeping. Whenever the batch changes (a request ends, an abort, an admission) the step queued ahead is
+read first and its tokens accepted for the requests still generating, so every request gets exactly the tokens of
+unpipelined decoding; a ``step()`` may then report two tokens of a request.
+
 The engine is not thread-safe: call it from one thread (the server's scheduler thread). Under tensor parallelism it
 runs on tensor-parallel rank 0 while the other ranks run :func:`megatron_hybrid.inference.tp_worker.run_tp_worker`.
 """

@@ -57,7 +57,7 @@ class FusedDecoder:
     mode, with the caches advanced in place."""
 
     def __init__(self, model: torch.nn.Module, context: InferenceContext) -> None:
-        reason = self.unsupported_reason(model, context)
+        reason = self.unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"FusedDecoder cannot run this model: {reason}")
         self.model = model
@@ -65,8 +65,9 @@ class FusedDecoder:
         self.vocab_size = model.config.vocab_size
 
     @staticmethod
-    def unsupported_reason(model: torch.nn.Module, context: InferenceContext | None = None) -> str | None:
-        """None when this step reproduces ``model``'s decode, else why not."""
+    def unsupported_reason(model: torch.nn.Module) -> str | None:
+        """None when this step reproduces ``model``'s decode (with any cache of an ``InferenceContext``), else why
+        not."""
         from megatron_hybrid.ops.triton_fused_gemv import MAX_K, MAX_NORM_GROUPS
 
         if getattr(model, "groups", None) is None or model.groups.tp_size != 1:
@@ -113,9 +114,10 @@ class FusedDecoder:
         residual_in_fp32 = False  # the dtype the previous layer's add rounds the stream to
         for name, layer in model.decoder.layers.items():
             norm = layer.pre_norm
+            linear, activation = self._first_linear(layer)
             first, residual = self._linear(
-                update, self._first_linear(layer), prologue="add_norm", residual=residual, norm_weight=norm.weight,
-                eps=norm.eps, residual_dtype=torch.float32 if residual_in_fp32 else None,
+                update, linear, activation=activation, prologue="add_norm", residual=residual,
+                norm_weight=norm.weight, eps=norm.eps, residual_dtype=torch.float32 if residual_in_fp32 else None,
             )
             if isinstance(layer, MambaLayer):
                 update = self._mamba(layer.mixer, first, int(name))
@@ -149,12 +151,11 @@ class FusedDecoder:
         return layer.mlp.linear_fc1, _FUSED_ACTIVATIONS.get(layer.mlp.activation)
 
     @staticmethod
-    def _linear(x: torch.Tensor | None, linear, **fusions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _linear(
+        x: torch.Tensor | None, linear: torch.nn.Module, activation: str | None = None, **fusions
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``linear`` (a column- or row-parallel layer at TP=1) of the row ``x`` through the fused GEMV. A row-parallel
         bias is added after the GEMV's rounding, as the layer adds it after its reduction."""
-        activation = None
-        if isinstance(linear, tuple):
-            linear, activation = linear
         row_bias = isinstance(linear, RowParallelLinear)
         bias = None if row_bias else linear.bias
         out = fused_gemv(x, linear.weight, bias, activation=activation, **fusions)

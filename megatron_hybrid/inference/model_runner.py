@@ -116,7 +116,7 @@ class ModelRunner:
         if lean_decode and self.device.type == "cpu" and LeanDecoder.unsupported_reason(model, self.context) is None:
             self.lean_decoder = LeanDecoder(model, self.context)
         self.fused_decoder = None
-        if fused_decode_step and FusedDecoder.unsupported_reason(model, self.context) is None:
+        if fused_decode_step and FusedDecoder.unsupported_reason(model) is None:
             self.fused_decoder = FusedDecoder(model, self.context)
         self._ids = self.context.decode_inputs[0].view(max_batch_size, 1)  # the model's [b, 1] input ids
         self._staging = self._staged = None

@@ -274,7 +274,7 @@ def test_fused_decoder_refuses_what_it_cannot_run(monkeypatch) -> None:
     """Each refusal names its reason (the runner then keeps the layer path); a supported model builds."""
     model = make_model("hybrid_rope_swiglu_bias")
     context = InferenceContext(model, max_batch_size=1, max_sequence_length=8)
-    assert "not CUDA" in fused_decode.FusedDecoder.unsupported_reason(model, context)
+    assert "not CUDA" in fused_decode.FusedDecoder.unsupported_reason(model)
     with pytest.raises(ValueError, match="FusedDecoder cannot run this model: .*not CUDA"):
         fused_decode.FusedDecoder(model, context)
     assert ModelRunner(model, max_batch_size=1, max_sequence_length=8).fused_decoder is None
@@ -282,15 +282,15 @@ def test_fused_decoder_refuses_what_it_cannot_run(monkeypatch) -> None:
     monkeypatch.setattr(fused_decode, "load_own_triton", lambda module_name, entry, what: None)
     from megatron_hybrid.layers import attention
 
-    assert "attention is off" in fused_decode.FusedDecoder.unsupported_reason(model, context)
+    assert "attention is off" in fused_decode.FusedDecoder.unsupported_reason(model)
     monkeypatch.setattr(attention, "FUSED_DECODE_DEVICE_TYPES", ("cuda", "cpu"))
-    assert fused_decode.FusedDecoder.unsupported_reason(model, context) is None
+    assert fused_decode.FusedDecoder.unsupported_reason(model) is None
     model.train()
-    assert "training" in fused_decode.FusedDecoder.unsupported_reason(model, context)
+    assert "training" in fused_decode.FusedDecoder.unsupported_reason(model)
     model.eval()
     layer = model.decoder.layers["2"]
     layer.__class__ = _CustomMLPLayer  # an overridden forward: not a stock layer
-    assert "stock layer" in fused_decode.FusedDecoder.unsupported_reason(model, context)
+    assert "stock layer" in fused_decode.FusedDecoder.unsupported_reason(model)
     layer.__class__ = MLPLayer
     wide = make_model("hybrid_rope_swiglu_bias", ffn_hidden_size=4100)
     assert "more than the fused GEMV's 4096" in fused_decode.FusedDecoder.unsupported_reason(wide)
