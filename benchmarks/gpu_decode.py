@@ -389,6 +389,38 @@ def profile_kernels(run: Callable[[], object], steps: int) -> tuple[dict[str, li
     return durations, sum(len(v) for v in durations.values())
 
 
+def idle_gaps(run: Callable[[], object], steps: int, top: int = 12) -> dict:
+    """Where the GPU is idle over ``steps`` calls of ``run``: the time covered by no GPU activity (kernels, copies,
+    memsets; overlapping PDL kernels count once), per step, and the largest totals by (activity before, activity
+    after) pair."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
+                   if e.device_type != torch.autograd.DeviceType.CPU)
+    if not spans:
+        return {"error": "the profiler saw no GPU activity"}
+    by_pair: Counter = Counter()
+    covered_end, last_name, idle = spans[0][1], spans[0][2], 0.0
+    for start, end, name in spans[1:]:
+        if start > covered_end:
+            gap = start - covered_end
+            idle += gap
+            by_pair[f"{last_name} -> {name}"] += gap
+        if end > covered_end:
+            covered_end, last_name = end, name
+    total = spans[-1][1] - spans[0][0]
+    return {
+        "span_us_per_step": round(total / steps, 1),
+        "idle_us_per_step": round(idle / steps, 1),
+        "largest_gaps_us_per_step": {pair: round(us / steps, 2) for pair, us in by_pair.most_common(top)},
+    }
+
+
 def kernel_table(durations: dict[str, list[float]], steps: int, step_us: float) -> dict:
     """Per kernel name: launches per step, CUDA time per step (total) and per launch (mean), shares; sorted by time."""
     total_us = sum(sum(v) for v in durations.values()) / steps
@@ -843,6 +875,24 @@ def main() -> None:
             engine.pop_output("p")
             table = kernel_table(durations, steps, step_us)
             print_kernel_table("engine_profile", table, top=15)
+            # Idle GPU time: in engine steps, and in back-to-back replays of the same batch-1 graph (each replay feeds
+            # the next one's inputs on the device, so this is a valid continuing decode).
+            engine.add_request("q", prompt, SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0))
+            for _ in range(10):
+                engine.step()
+            table["idle_engine_steps"] = idle_gaps(engine.step, steps)
+            graph = engine.runner._graphs[engine.runner._buckets[0]][0]
+            table["idle_graph_replays"] = idle_gaps(graph.replay, steps)
+            start = time.perf_counter()
+            for _ in range(steps):
+                graph.replay()
+            torch.cuda.synchronize()
+            table["graph_replay_ms_per_step"] = 1e3 * (time.perf_counter() - start) / steps
+            print("engine_profile idle:", json.dumps({k: v for k, v in table.items() if k != "by_name"}, indent=1),
+                  flush=True)
+            while engine.has_unfinished():
+                engine.step()
+            engine.pop_output("q")
             engine.close()
             return table
 

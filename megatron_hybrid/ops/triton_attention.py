@@ -15,9 +15,10 @@ program:
   reads that entry, so there is no race);
 * stores the context in the ``[b, heads * d]`` layout ``linear_proj`` reads (head ``g * heads_per_group + i``).
 
-Caches longer than ``KEYS_PER_SPLIT`` are split over ``S`` programs per head (flash-decoding): each stores its
-unnormalised partial output, running max and sum in float32, and ``_combine_kernel`` merges them. ``S`` is static
-(from ``attention_length``); splits that start beyond a row's position exit without reading anything.
+Caches longer than ``KEYS_PER_SPLIT``, and shorter ones when few (row, head) programs would run (batch 1), are split
+over ``S`` programs per head (flash-decoding): each stores its unnormalised partial output, running max and sum in
+float32, and ``_combine_kernel`` merges them. ``S`` is static (from ``attention_length`` and the batch); splits that
+start beyond a row's position exit without reading anything.
 
 Numerics: scores, softmax and the weighted sum run in float32 from the cache dtype, the output is rounded once to the
 query's dtype (the unfused path rounds the scores and the probabilities to bfloat16 on the way; this is closer to the
@@ -38,10 +39,13 @@ __all__ = ["UNAVAILABLE_REASON", "decode_attention_triton"]
 from megatron_hybrid.ops._triton_common import ROUND_KIND as _ROUND_KIND
 from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, launch_options, pdl_mode, tl, triton
 
-# Module globals, read at every call, so a benchmark can sweep them. A split of 512 keys keeps one program per
-# (row, kv head) for the 800M benchmark's 384-token cache (8 programs at batch 1, ~100 KB of keys and values each)
-# and gives 8 splits per head at the 4096-token context.
+# Module globals, read at every call, so a benchmark can sweep them. A split of at most 512 keys; and when the
+# (row, kv head) programs would leave most SMs idle (a batch-1 step of the 800M model has 8), more splits, down to
+# MIN_KEYS_PER_SPLIT keys each, to reach TARGET_PROGRAMS: on an H200 the batch-1 attention took 14.7 us with 8
+# programs over ~256 cached keys, a third of the four layers' share of a 0.66 ms engine step.
 KEYS_PER_SPLIT = 512
+MIN_KEYS_PER_SPLIT = 64
+TARGET_PROGRAMS = 128  # about one per SM of an H100 / H200
 MAX_SPLITS = 32
 BLOCK_KEYS = 64  # at most; fewer for wide groups (PRODUCT_ELEMENTS)
 PRODUCT_ELEMENTS = 8192
@@ -173,9 +177,13 @@ def _floor_pow2(n: int) -> int:
     return 1 << max(n.bit_length() - 1, 0)
 
 
-def num_splits(attention_length: int) -> int:
-    """Key splits per head for a cache read of ``attention_length`` positions (1: no combine kernel)."""
-    return max(1, min(MAX_SPLITS, -(-attention_length // KEYS_PER_SPLIT)))
+def num_splits(attention_length: int, head_programs: int = TARGET_PROGRAMS) -> int:
+    """Key splits per head for a cache read of ``attention_length`` positions by ``head_programs`` (rows x kv heads)
+    programs per split (1: no combine kernel): one per ``KEYS_PER_SPLIT`` keys, more (splits of at least
+    ``MIN_KEYS_PER_SPLIT`` keys) while fewer than ``TARGET_PROGRAMS`` programs would run."""
+    by_length = -(-attention_length // KEYS_PER_SPLIT)
+    by_occupancy = min(-(-TARGET_PROGRAMS // max(head_programs, 1)), -(-attention_length // MIN_KEYS_PER_SPLIT))
+    return max(1, min(MAX_SPLITS, max(by_length, by_occupancy)))
 
 
 def decode_attention_triton(
@@ -220,7 +228,7 @@ def decode_attention_triton(
     if batch == 0:
         return out
     read = length if attention_length is None else max(1, min(attention_length, length))
-    splits = num_splits(read)
+    splits = num_splits(read, batch * kv_heads)
     dim_pad, hpg_pad = _pow2(dim), _pow2(hpg)
     # Keys per loop iteration: the [heads, keys, dim] float32 products stay near 64 registers a thread.
     block_keys = max(16, min(BLOCK_KEYS, _floor_pow2(PRODUCT_ELEMENTS // (hpg_pad * dim_pad))))

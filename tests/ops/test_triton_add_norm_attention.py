@@ -185,6 +185,7 @@ def test_decode_attention_matches_reference_float32(kernels, groups, per_group, 
                                                     keys_per_split, monkeypatch):
     _, tattn = kernels
     monkeypatch.setattr(tattn, "KEYS_PER_SPLIT", keys_per_split)
+    monkeypatch.setattr(tattn, "TARGET_PROGRAMS", 1)  # splits by length only: the cases above say how many
     error = _check_attention(tattn, len(positions), groups, per_group, dim, 300 if attention_length == 200 else 70,
                              positions, attention_length, torch.float32)
     assert error <= 1e-5
@@ -196,7 +197,20 @@ def test_decode_attention_bfloat16(kernels, keys_per_split, monkeypatch):
     """bf16 q / k / v and caches: float32 softmax and sums, one rounding of the output."""
     _, tattn = kernels
     monkeypatch.setattr(tattn, "KEYS_PER_SPLIT", keys_per_split)
+    monkeypatch.setattr(tattn, "TARGET_PROGRAMS", 1)
     assert _check_attention(tattn, 2, 2, 2, 16, 64, [40, 9], None, torch.bfloat16, seed=3) <= 1e-2
+
+
+@needs_interpreter
+def test_decode_attention_splits_short_caches_when_few_programs_run(kernels, monkeypatch):
+    """Batch 1 with 2 kv heads: 2 programs, so the 200-key read is split for occupancy (4 splits of 64 keys, down
+    from one by length), and the result is unchanged."""
+    _, tattn = kernels
+    assert tattn.num_splits(200, head_programs=2) == 4  # ceil(200 / MIN_KEYS_PER_SPLIT)
+    assert tattn.num_splits(200, head_programs=128) == 1  # enough programs: by length
+    assert tattn.num_splits(4096, head_programs=8) == 16  # TARGET_PROGRAMS / 8
+    assert tattn.num_splits(4096, head_programs=256) == 8  # by length (512 keys a split)
+    assert _check_attention(tattn, 1, 2, 2, 8, 300, [199], 200, torch.float32) <= 1e-5
 
 
 @needs_interpreter
