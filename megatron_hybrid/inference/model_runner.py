@@ -43,6 +43,7 @@ from megatron_hybrid.inference.sampling import greedy_tokens
 from megatron_hybrid.layers.attention import SelfAttention
 from megatron_hybrid.layers.mamba_mixer import MambaMixer
 from megatron_hybrid.models.mamba_stack import MambaStack
+from megatron_hybrid.ops import greedy_tokens_and_feed
 
 if TYPE_CHECKING:
     from megatron_hybrid.inference.tp_worker import TensorParallelChannel
@@ -299,17 +300,18 @@ class ModelRunner:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: lazy initialisation, kernel autotuning, allocator growth
-                    greedy_tokens(self._step(bucket)[:, 0])
+                for _ in range(2):  # warm-up: lazy initialisation, kernel compilation and autotuning, allocator
+                    inputs = context.decode_inputs
+                    greedy_tokens_and_feed(self._step(bucket)[:, 0], inputs[0, :bucket], inputs[1, :bucket])
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._step(bucket)
-                tokens = greedy_tokens(logits[:, 0])  # one small kernel more per replay; saves greedy steps a launch
-                # Feed the next greedy step on the device (its ids are these tokens, its positions one further), so
-                # ``decode_greedy_next`` can replay without the host; a host-staged step overwrites both rows.
-                context.decode_inputs[0, :bucket].copy_(tokens)
-                context.decode_inputs[1, :bucket].add_(1)
+                # The greedy tokens (saves greedy steps a launch), also fed to the next greedy step on the device (its
+                # ids, and the positions + 1), so ``decode_greedy_next`` can replay without the host; a host-staged
+                # step overwrites both rows.
+                inputs = context.decode_inputs
+                tokens = greedy_tokens_and_feed(logits[:, 0], inputs[0, :bucket], inputs[1, :bucket])
             self._graphs[bucket] = (graph, logits, tokens)
         self._buckets = sorted(self._graphs)
         torch.cuda.synchronize()

@@ -556,6 +556,22 @@ def mamba_decode_fused(
     )
 
 
+def greedy_tokens_and_feed(logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, *,
+                           backend: str = "auto") -> torch.Tensor:
+    """Greedy tokens of ``logits`` [rows, V] (int64 [rows]; ties to the lowest index), also written into ``ids``
+    [rows], with ``positions`` [rows] advanced by one, in place: the inputs of a next greedy decode step. Two Triton
+    kernels on CUDA (``ops.triton_argmax``), else ``max(dim).indices`` and two in-place ops."""
+    kernel = _own_triton_kernel("greedy_tokens_and_feed", backend, logits, "megatron_hybrid.ops.triton_argmax",
+                                "greedy_and_feed_triton", "the Triton greedy argmax",
+                                "greedy steps run torch's max and two small kernels")
+    if kernel is not None and logits.dim() == 2 and logits.stride(-1) == 1:
+        return kernel(logits, ids, positions)
+    tokens = logits.max(dim=-1).indices
+    ids.copy_(tokens)
+    positions.add_(1)
+    return tokens
+
+
 def fused_gemv(x: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                backend: str = "auto", **fusions) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """One decode row's linear layer with its norm and activation in the same kernel (``ops.triton_fused_gemv``;
@@ -658,6 +674,7 @@ def kernel_backend_info() -> dict[str, Any]:
         "triton_gemv": ("megatron_hybrid.ops.triton_gemv", "gemv_or_none", "the Triton skinny GEMV"),
         "triton_fused_gemv": ("megatron_hybrid.ops.triton_fused_gemv", "fused_gemv_triton",
                               "the Triton fused GEMV"),
+        "triton_argmax": ("megatron_hybrid.ops.triton_argmax", "greedy_and_feed_triton", "the Triton greedy argmax"),
     }
     for key, (module_name, entry, what) in own.items():
         try:
@@ -684,6 +701,8 @@ def kernel_backend_info() -> dict[str, Any]:
         else "F.linear",
         "fused_gemv": "triton (megatron_hybrid, one row, inference)" if info["triton_fused_gemv"]["available"]
         else "separate norm and linear",
+        "greedy_tokens_and_feed": "triton (megatron_hybrid)" if info["triton_argmax"]["available"]
+        else "torch max",
     }
     if mode == "torch":
         on_cuda = dict.fromkeys(on_cuda, "torch")

@@ -1,5 +1,5 @@
 """Triton's CPU interpreter for the kernel tests of this folder (``test_ops_triton_conv1d``, ``test_triton_decode``,
-``test_triton_add_norm_attention``, ``test_triton_gemv``, ``test_triton_fused_gemv``).
+``test_triton_add_norm_attention``, ``test_triton_gemv``, ``test_triton_fused_gemv``, ``test_triton_argmax``).
 
 ``TRITON_INTERPRET=1`` must be set before triton itself is imported (its own ``@jit`` helpers such as ``tl.zeros`` are
 built at import time), so a test module calls :func:`interpret_if_possible` before importing triton: it sets the
