@@ -1,6 +1,6 @@
 """What megatron_hybrid's own Triton modules (``triton_decode``, ``triton_add_norm``, ``triton_attention``,
-``triton_gemv``, ``triton_fused_gemv``) share: the guarded import of triton, rounding a float32 value to a storage
-dtype inside a kernel, and programmatic dependent launch (PDL).
+``triton_gemv``, ``triton_fused_gemv``, ``triton_argmax``) share: the guarded import of triton, rounding a float32
+value to a storage dtype inside a kernel, and programmatic dependent launch (PDL).
 
 PDL (Hopper and later): a kernel launched with it may start while the kernel before it in the stream is still running,
 once every program of that one has signalled (``gdc_launch_dependents``); it must wait (``gdc_wait``: the previous
@@ -60,8 +60,6 @@ def _gdc_functions():
 
 _gdc_wait, _gdc_launch_dependents = _gdc_functions() if triton is not None else (None, None)
 _PDL_CACHE: dict[int, bool] = {}
-
-
 PDL_OFF, PDL_AFTER_WAIT, PDL_EARLY = 0, 1, 2  # the USE_PDL values: when a kernel lets the next one launch
 
 
