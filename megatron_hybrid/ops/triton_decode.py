@@ -185,22 +185,21 @@ if triton is not None:
 
         # Conv outputs are rounded to the activation dtype, as the unfused conv update returns them.
         x_chan = pid_h * HEADDIM + offs_p
+        b_chan = D_INNER + group * DSTATE + offs_n
+        c_chan = b_chan + GN
         # The advanced conv-state rows are loaded now, with everything else, and stored at the end: the stores then
         # wait on no load (the end of a step is on the critical path of the decode step).
         x_next = _conv_state_next(zx_row, cs_row, x_chan, mask_p, stride_cs_c, stride_cs_k, D_INNER, STATE_LEN,
                                   SL_PAD, CS_ROUND)
         if SHIFT_BC:
-            b_chan = D_INNER + group * DSTATE + offs_n
             b_next = _conv_state_next(zx_row, cs_row, b_chan, mask_n, stride_cs_c, stride_cs_k, D_INNER, STATE_LEN,
                                       SL_PAD, CS_ROUND)
-            c_next = _conv_state_next(zx_row, cs_row, b_chan + GN, mask_n, stride_cs_c, stride_cs_k, D_INNER,
-                                      STATE_LEN, SL_PAD, CS_ROUND)
+            c_next = _conv_state_next(zx_row, cs_row, c_chan, mask_n, stride_cs_c, stride_cs_k, D_INNER, STATE_LEN,
+                                      SL_PAD, CS_ROUND)
         x = _round(_conv_silu(zx_row, cs_row, CONV_W, CONV_B, x_chan, mask_p, stride_cs_c, stride_cs_k, stride_w_c,
                               stride_w_k, D_INNER, STATE_LEN, KW, KW_PAD, HAS_CONV_BIAS), ACT_ROUND)
-        b_chan = D_INNER + group * DSTATE + offs_n
         Bv = _round(_conv_silu(zx_row, cs_row, CONV_W, CONV_B, b_chan, mask_n, stride_cs_c, stride_cs_k,
                                stride_w_c, stride_w_k, D_INNER, STATE_LEN, KW, KW_PAD, HAS_CONV_BIAS), ACT_ROUND)
-        c_chan = b_chan + GN
         Cv = _round(_conv_silu(zx_row, cs_row, CONV_W, CONV_B, c_chan, mask_n, stride_cs_c, stride_cs_k,
                                stride_w_c, stride_w_k, D_INNER, STATE_LEN, KW, KW_PAD, HAS_CONV_BIAS), ACT_ROUND)
 
@@ -227,7 +226,7 @@ if triton is not None:
             arrived = tl.atomic_add(counter, 1, sem="acq_rel")  # release: our reads happen before; acquire: theirs
             if arrived == PROGRAMS_PER_GROUP - 1:
                 _conv_state_store(cs_row, b_chan, mask_n, b_next, stride_cs_c, stride_cs_k, STATE_LEN, SL_PAD)
-                _conv_state_store(cs_row, b_chan + GN, mask_n, c_next, stride_cs_c, stride_cs_k, STATE_LEN, SL_PAD)
+                _conv_state_store(cs_row, c_chan, mask_n, c_next, stride_cs_c, stride_cs_k, STATE_LEN, SL_PAD)
                 tl.store(counter, 0)
 
     @triton.jit
