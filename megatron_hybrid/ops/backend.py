@@ -76,8 +76,9 @@ def _warn_once(key: str, message: str) -> None:
     warnings.warn(message, KernelFallbackWarning, stacklevel=4)
 
 
-def _mamba_kernels(op: str, backend: str, tensor: torch.Tensor) -> MambaSsmKernels | None:
-    """The Triton kernels to use for ``op`` on ``tensor``, or None for the torch reference (raising if forced)."""
+def _cuda_kernel_mode(op: str, backend: str, tensor: torch.Tensor) -> str | None:
+    """The resolved backend ("auto" or "triton") when a GPU kernel may run for ``op`` on ``tensor``; None for the
+    torch path ("torch", or "auto" on a non-CUDA tensor); raises when "triton" is forced on a non-CUDA tensor."""
     mode = _resolve(backend)
     if mode == "torch":
         return None
@@ -86,6 +87,14 @@ def _mamba_kernels(op: str, backend: str, tensor: torch.Tensor) -> MambaSsmKerne
             raise KernelUnavailableError(
                 f"{op}: backend 'triton' needs CUDA tensors, got device {tensor.device}; use backend='torch' or 'auto'"
             )
+        return None
+    return mode
+
+
+def _mamba_kernels(op: str, backend: str, tensor: torch.Tensor) -> MambaSsmKernels | None:
+    """The Triton kernels to use for ``op`` on ``tensor``, or None for the torch reference (raising if forced)."""
+    mode = _cuda_kernel_mode(op, backend, tensor)
+    if mode is None:
         return None
     if tensor.dtype not in _KERNEL_DTYPES:
         reason = f"dtype {tensor.dtype} is not supported by the Triton kernels (float16/bfloat16/float32 only)"
@@ -110,14 +119,8 @@ def _mamba_kernels(op: str, backend: str, tensor: torch.Tensor) -> MambaSsmKerne
 
 def _conv_kernels_wanted(op: str, backend: str, tensor: torch.Tensor) -> bool:
     """Whether to try causal_conv1d's CUDA kernel; the torch conv is the GPU fallback, so no warning is needed."""
-    mode = _resolve(backend)
-    if mode == "torch":
-        return False
-    if tensor.device.type != "cuda":
-        if mode == "triton":
-            raise KernelUnavailableError(
-                f"{op}: backend 'triton' needs CUDA tensors, got device {tensor.device}; use backend='torch' or 'auto'"
-            )
+    mode = _cuda_kernel_mode(op, backend, tensor)
+    if mode is None:
         return False
     return tensor.dtype in _KERNEL_DTYPES
 
@@ -497,14 +500,8 @@ def _own_triton_kernel(
     tensors raises. Not under autograd: these decode kernels have no backward (decoding runs under inference_mode).
     A load failure on CUDA warns once, naming ``what`` and the ``fallback`` taken instead.
     """
-    mode = _resolve(backend)
-    if mode == "torch":
-        return None
-    if tensor.device.type != "cuda":
-        if mode == "triton":
-            raise KernelUnavailableError(
-                f"{op}: backend 'triton' needs CUDA tensors, got device {tensor.device}; use backend='torch' or 'auto'"
-            )
+    mode = _cuda_kernel_mode(op, backend, tensor)
+    if mode is None:
         return None
     if tensor.dtype not in _KERNEL_DTYPES or (torch.is_grad_enabled() and tensor.requires_grad):
         return None
