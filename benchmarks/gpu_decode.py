@@ -232,26 +232,21 @@ def time_eager(fn: Callable[[], object], iters: int) -> float:
 def time_graph(fn: Callable[[], object], calls_per_graph: int, replays: int) -> float:
     """Milliseconds per call when ``calls_per_graph`` calls are captured in one CUDA graph and replayed (several calls
     per graph, so the replay's own launch cost does not hide a one-layer step)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up: Triton compilation, autotuning, allocator growth
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = capture_graph(lambda: [fn() for _ in range(calls_per_graph)])
+    ms = replay_ms(graph, replays) / calls_per_graph
+    del graph
+    return ms
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Milliseconds per replay of ``graph``, replayed back to back, timed with CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    del graph
-    return start.elapsed_time(end) / (replays * calls_per_graph)
+    return start.elapsed_time(end) / replays
 
 
 def decode_context(model: MambaModel, max_batch: int, length: int) -> InferenceContext:
@@ -371,9 +366,8 @@ def capture_graph(fn: Callable[[], object], return_output: bool = False):
     return (graph, output) if return_output else graph
 
 
-def profile_kernels(run: Callable[[], object], steps: int) -> tuple[dict[str, list[float]], int]:
-    """Durations (us) of every GPU activity (kernels, memcpy, memset) by name over ``steps`` calls of ``run``, and
-    how many activities were seen."""
+def gpu_events(run: Callable[[], object], steps: int) -> list[tuple[float, float, str]]:
+    """(start us, end us, name) of every GPU activity (kernels, memcpy, memset) over ``steps`` calls of ``run``."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -381,27 +375,25 @@ def profile_kernels(run: Callable[[], object], steps: int) -> tuple[dict[str, li
         for _ in range(steps):
             run()
         torch.cuda.synchronize()
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if e.device_type != torch.autograd.DeviceType.CPU]
+
+
+def profile_kernels(run: Callable[[], object], steps: int) -> tuple[dict[str, list[float]], int]:
+    """Durations (us) of every GPU activity by name over ``steps`` calls of ``run``, and how many activities were
+    seen."""
+    events = gpu_events(run, steps)
     durations: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CPU:
-            continue
-        durations.setdefault(event.name, []).append(event.time_range.elapsed_us())
-    return durations, sum(len(v) for v in durations.values())
+    for start, end, name in events:
+        durations.setdefault(name, []).append(end - start)
+    return durations, len(events)
 
 
 def idle_gaps(run: Callable[[], object], steps: int, top: int = 12) -> dict:
     """Where the GPU is idle over ``steps`` calls of ``run``: the time covered by no GPU activity (kernels, copies,
     memsets; overlapping PDL kernels count once), per step, and the largest totals by (activity before, activity
     after) pair."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            run()
-        torch.cuda.synchronize()
-    spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
-                   if e.device_type != torch.autograd.DeviceType.CPU)
+    spans = sorted((start, end, name[:60]) for start, end, name in gpu_events(run, steps))
     if not spans:
         return {"error": "the profiler saw no GPU activity"}
     by_pair: Counter = Counter()
@@ -468,13 +460,7 @@ def kernel_times(model: MambaModel, length: int, replays: int) -> dict:
                 context.set_decode(1)
                 step = lambda: model(ids, inference_context=context)  # noqa: E731
                 graph = capture_graph(step)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(replays):
-                    graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                step_us = 1e3 * start.elapsed_time(end) / replays
+                step_us = 1e3 * replay_ms(graph, replays)
                 durations, seen = profile_kernels(graph.replay, replays)
                 source = "graph_replay"
                 if seen == 0:  # this profiler does not see inside graph launches: eager steps, same kernels
@@ -883,11 +869,7 @@ def main() -> None:
             table["idle_engine_steps"] = idle_gaps(engine.step, steps)
             graph = engine.runner._graphs[engine.runner._buckets[0]][0]
             table["idle_graph_replays"] = idle_gaps(graph.replay, steps)
-            start = time.perf_counter()
-            for _ in range(steps):
-                graph.replay()
-            torch.cuda.synchronize()
-            table["graph_replay_ms_per_step"] = 1e3 * (time.perf_counter() - start) / steps
+            table["graph_replay_ms_per_step"] = replay_ms(graph, steps)
             print("engine_profile idle:", json.dumps({k: v for k, v in table.items() if k != "by_name"}, indent=1),
                   flush=True)
             while engine.has_unfinished():
