@@ -15,10 +15,11 @@ import importlib
 import pytest
 import torch
 from triton_interpreter import (
+    fresh_process_test,
     interpret_if_possible,
     interpreted_kernel_modules,
+    interpreter_only,
     is_interpreted,
-    run_in_fresh_process,
 )
 
 interpret_if_possible()
@@ -30,9 +31,7 @@ from megatron_hybrid.ops import backend  # noqa: E402
 NORM_MODULE = "megatron_hybrid.ops.triton_add_norm"
 ATTENTION_MODULE = "megatron_hybrid.ops.triton_attention"
 INTERPRETED = is_interpreted(triton)
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; test_in_a_fresh_process runs these"
-)
+needs_interpreter = interpreter_only(triton)
 on_gpu = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device (compiled Triton)"),
@@ -44,9 +43,7 @@ def kernels():
     yield from interpreted_kernel_modules(NORM_MODULE, ATTENTION_MODULE)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
-def test_in_a_fresh_process():
-    run_in_fresh_process(__file__)
+test_in_a_fresh_process = fresh_process_test(triton, __file__)
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

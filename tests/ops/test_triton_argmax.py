@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from triton_interpreter import (
+    fresh_process_test,
     interpret_if_possible,
     interpreted_kernel_modules,
-    is_interpreted,
-    run_in_fresh_process,
+    interpreter_only,
 )
 
 interpret_if_possible()
@@ -22,10 +22,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 from megatron_hybrid import ops  # noqa: E402
 
 MODULE = "megatron_hybrid.ops.triton_argmax"
-INTERPRETED = is_interpreted(triton)
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; test_in_a_fresh_process runs these"
-)
+needs_interpreter = interpreter_only(triton)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +30,7 @@ def targmax():
     yield from interpreted_kernel_modules(MODULE)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
-def test_in_a_fresh_process():
-    run_in_fresh_process(__file__)
+test_in_a_fresh_process = fresh_process_test(triton, __file__)
 
 
 @needs_interpreter

@@ -17,10 +17,11 @@ import math
 import pytest
 import torch
 from triton_interpreter import (
+    fresh_process_test,
     interpret_if_possible,
     interpreted_kernel_modules,
+    interpreter_only,
     is_interpreted,
-    run_in_fresh_process,
 )
 
 interpret_if_possible()
@@ -33,9 +34,7 @@ from megatron_hybrid.ops import backend  # noqa: E402
 
 MODULE = "megatron_hybrid.ops.triton_decode"
 INTERPRETED = is_interpreted(triton)
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; test_in_a_fresh_process runs these"
-)
+needs_interpreter = interpreter_only(triton)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +42,7 @@ def tdecode():
     yield from interpreted_kernel_modules(MODULE)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
-def test_in_a_fresh_process():
-    run_in_fresh_process(__file__)
+test_in_a_fresh_process = fresh_process_test(triton, __file__)
 
 
 def _reference_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A_log, dt_bias, D, norm_weight,

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from triton_interpreter import (
+    fresh_process_test,
     interpret_if_possible,
     interpreted_kernel_modules,
-    is_interpreted,
-    run_in_fresh_process,
+    interpreter_only,
 )
 
 interpret_if_possible()
@@ -28,10 +28,7 @@ from megatron_hybrid import ops  # noqa: E402
 from megatron_hybrid.layers.mlp import squared_relu  # noqa: E402
 
 MODULE = "megatron_hybrid.ops.triton_fused_gemv"
-INTERPRETED = is_interpreted(triton)
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; test_in_a_fresh_process runs these"
-)
+needs_interpreter = interpreter_only(triton)
 # float32: summation order only. bfloat16: the linear's output is rounded once, so a different float32 sum order can
 # move it by one bf16 step (2^-8 relative) where the two sums straddle a rounding boundary.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -43,9 +40,7 @@ def fgemv():
     yield from interpreted_kernel_modules(MODULE)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
-def test_in_a_fresh_process():
-    run_in_fresh_process(__file__)
+test_in_a_fresh_process = fresh_process_test(triton, __file__)
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from triton_interpreter import (
+    fresh_process_test,
     interpret_if_possible,
     interpreted_kernel_modules,
-    is_interpreted,
-    run_in_fresh_process,
+    interpreter_only,
 )
 
 interpret_if_possible()
@@ -28,10 +28,7 @@ from megatron_hybrid import ops  # noqa: E402
 from megatron_hybrid.parallel import ParallelGroups, tensor_parallel  # noqa: E402
 
 MODULE = "megatron_hybrid.ops.triton_gemv"
-INTERPRETED = is_interpreted(triton)
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; test_in_a_fresh_process runs these"
-)
+needs_interpreter = interpreter_only(triton)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
@@ -40,9 +37,7 @@ def tgemv():
     yield from interpreted_kernel_modules(MODULE)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the tests of this module run in this process")
-def test_in_a_fresh_process():
-    run_in_fresh_process(__file__)
+test_in_a_fresh_process = fresh_process_test(triton, __file__)
 
 
 def _check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:

@@ -15,7 +15,7 @@ import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +37,26 @@ def interpret_if_possible() -> None:
 def is_interpreted(triton: ModuleType) -> bool:
     """Whether ``triton`` was imported with the interpreter on."""
     return type(triton.language.zeros).__name__ == "InterpretedFunction"
+
+
+def interpreter_only(triton: ModuleType) -> pytest.MarkDecorator:
+    """The mark of a module's interpreter tests: skipped when ``triton`` was imported without the interpreter (the
+    module's ``fresh_process_test`` then runs them)."""
+    return pytest.mark.skipif(
+        not is_interpreted(triton),
+        reason="triton was imported without TRITON_INTERPRET=1; test_in_a_fresh_process runs these",
+    )
+
+
+def fresh_process_test(triton: ModuleType, test_file: str) -> Callable[[], None]:
+    """A module's ``test_in_a_fresh_process``: runs ``test_file`` in a new interpreter process with the interpreter on,
+    unless ``triton`` is interpreted here already (then this process runs the tests, and it skips)."""
+
+    @pytest.mark.skipif(is_interpreted(triton), reason="the tests of this module run in this process")
+    def test_in_a_fresh_process() -> None:
+        run_in_fresh_process(test_file)
+
+    return test_in_a_fresh_process
 
 
 def import_interpreted(module_name: str) -> ModuleType:
