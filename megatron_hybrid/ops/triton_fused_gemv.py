@@ -77,7 +77,7 @@ if triton is not None:
         N, eps,
         K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PROLOGUE: tl.constexpr,
         HAS_UPDATE: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ACT: tl.constexpr, RES_ROUND: tl.constexpr, X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr,
+        ACT: tl.constexpr, RES_ROUND: tl.constexpr, ROUND: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         let_next_kernel_launch_early(USE_PDL)
@@ -104,9 +104,9 @@ if triton is not None:
                 stream = _round(stream + tl.load(X + offs_k, mask=mask_k, other=0.0).to(tl.float32), RES_ROUND)
                 if pid == 0:
                     tl.store(RES_OUT + offs_k, stream.to(RES_OUT.dtype.element_ty), mask=mask_k)
-            h = _round(stream, X_ROUND)  # the norm reads the stream in the working precision
+            h = _round(stream, ROUND)  # the norm reads the stream in the working precision
             rstd = 1 / tl.sqrt(tl.sum(h * h, axis=0) / K + eps)
-            x = _round(h * rstd * norm_w, X_ROUND)
+            x = _round(h * rstd * norm_w, ROUND)
         elif PROLOGUE == 2:  # group-wise RMSNorm of y * silu(z)
             y_in = tl.load(X + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             z = tl.load(Z + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -117,19 +117,19 @@ if triton is not None:
                 in_group = group_of == g
                 sum_sq = tl.sum(tl.where(in_group, gated * gated, 0.0), axis=0)
                 rstd = tl.where(in_group, tl.rsqrt(sum_sq / GROUP + eps), rstd)
-            x = _round(gated * rstd * norm_w, X_ROUND)
+            x = _round(gated * rstd * norm_w, ROUND)
         else:
             x = tl.load(X + offs_k, mask=mask_k, other=0.0).to(tl.float32)
 
         acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # [BLOCK_N]
         if HAS_BIAS:
             acc += bias
-        acc = _round(acc, Y_ROUND)  # the linear's output, as F.linear stores it
+        acc = _round(acc, ROUND)  # the linear's output, as F.linear stores it
         if ACT == 1:
             acc = tl.maximum(acc, 0.0)
-            acc = _round(acc * acc, Y_ROUND)
+            acc = _round(acc * acc, ROUND)
         elif ACT == 2:  # exact (erf) GeLU, F.gelu's default
-            acc = _round(0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476)), Y_ROUND)
+            acc = _round(0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476)), ROUND)
         tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=offs_n < N)
 
 
@@ -229,8 +229,8 @@ def fused_gemv_triton(
         K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=cfg.block_n, PROLOGUE=PROLOGUES[prologue],
         HAS_UPDATE=prologue == "add_norm" and x is not None, GROUP=group, NUM_GROUPS=num_groups,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation],
-        RES_ROUND=_ROUND_KIND[residual_dtype] if prologue == "add_norm" else 0, X_ROUND=_ROUND_KIND[dtype],
-        Y_ROUND=_ROUND_KIND[dtype], USE_PDL=use_pdl,
+        RES_ROUND=_ROUND_KIND[residual_dtype] if prologue == "add_norm" else 0, ROUND=_ROUND_KIND[dtype],
+        USE_PDL=use_pdl,
         num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
     return out, new_residual
