@@ -4,7 +4,9 @@ Every op takes ``backend="auto" | "torch" | "triton"``:
 
 * ``"torch"``: the pure-PyTorch reference (any device; the numerical ground truth, used in CPU tests/benchmarks).
 * ``"triton"``: the GPU fast path; raises ``KernelUnavailableError`` with the reason when the tensors are not on CUDA
-  or the kernels cannot be loaded. For the scan, the state update and the norms that is mamba_ssm's Triton kernels.
+  or the kernels cannot be loaded. For the scan that is our own Triton scan (``ops.triton_ssd``: forward and
+  backward, documents) where it covers the arguments, mamba_ssm's kernels otherwise or with
+  ``MEGATRON_HYBRID_SSD_KERNEL=mamba_ssm``; for the state update and the norms mamba_ssm's Triton kernels.
   For the convolutions it is causal_conv1d's CUDA kernel when importable and applicable, otherwise our own Triton
   kernel (``ops.triton_conv1d``: channel-last, fused SiLU, documents, fwd + bwd), otherwise PyTorch's own (cuDNN)
   convolution on the GPU; the convs never raise for a missing package (a Triton load failure on CUDA warns once).
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from megatron_hybrid.ops._common import process_dt, segment_ids
 from megatron_hybrid.ops.conv1d import causal_conv1d_ref
@@ -45,6 +48,10 @@ from megatron_hybrid.ops.ssd import check_ssd_shapes, ssd_chunk_scan_ref
 from megatron_hybrid.ops.state_update import causal_conv1d_update_ref, ssm_state_update_ref
 
 ENV_VAR = "MEGATRON_HYBRID_KERNELS"
+# Which GPU kernels run the training scan: ours (``ops.triton_ssd``, the default) or mamba_ssm's.
+SSD_KERNEL_ENV_VAR = "MEGATRON_HYBRID_SSD_KERNEL"
+SSD_KERNELS = ("own", "mamba_ssm")
+_TRITON_SSD = ("megatron_hybrid.ops.triton_ssd", "ssd_chunk_scan_triton", "the Triton SSD scan (ops.triton_ssd)")
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAMBA_OPS = "ssd_chunk_scan, ssm_state_update, rms_norm and gated_rms_norm"
@@ -125,6 +132,28 @@ def _conv_kernels_wanted(op: str, backend: str, tensor: torch.Tensor) -> bool:
     return tensor.dtype in _KERNEL_DTYPES
 
 
+def _own_ssd_kernel(
+    backend: str, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int, D: torch.Tensor | None
+) -> Callable | None:
+    """Our Triton scan (``ops.triton_ssd``) for these arguments, or None for mamba_ssm's kernels / the reference:
+    on CUDA unless ``MEGATRON_HYBRID_SSD_KERNEL=mamba_ssm``, the arguments are outside what it covers, or triton is
+    missing (then mamba_ssm's kernels are next in line, so no warning here)."""
+    if _cuda_kernel_mode("ssd_chunk_scan", backend, x) is None:
+        return None
+    choice = os.environ.get(SSD_KERNEL_ENV_VAR, "").strip().lower() or "own"
+    if choice not in SSD_KERNELS:
+        raise ValueError(f"environment variable {SSD_KERNEL_ENV_VAR}={choice!r} must be one of {SSD_KERNELS}")
+    if choice == "mamba_ssm" or x.dim() != 4 or B.dim() != 4:
+        return None
+    try:
+        kernel = load_own_triton(*_TRITON_SSD)
+    except KernelUnavailableError:
+        return None
+    from megatron_hybrid.ops import triton_ssd  # loaded by load_own_triton
+
+    return kernel if triton_ssd.unsupported_reason(x, B, C, chunk_size, D) is None else None
+
+
 def ssd_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -149,6 +178,16 @@ def ssd_chunk_scan(
     initial_states [b, h, p, n], seq_idx [b, l] int. Returns y [b, l, h, p] (times silu(z) when z is given), or
     (y, final_states [b, h, p, n] float32) with ``return_final_states``.
     """
+    own = _own_ssd_kernel(backend, x, B, C, chunk_size, D)
+    if own is not None:
+        check_ssd_shapes(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
+        y, final = own(
+            x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+            initial_states=initial_states, segments=segment_ids(seq_idx) if seq_idx is not None else None,
+        )
+        if z is not None:  # mamba_ssm's gate: float32 product, rounded once
+            y = (y.float() * F.silu(z.float())).to(x.dtype)
+        return (y, final) if return_final_states else y
     kernels = _mamba_kernels("ssd_chunk_scan", backend, x)
     if kernels is None:
         return ssd_chunk_scan_ref(

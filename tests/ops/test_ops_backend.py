@@ -113,6 +113,7 @@ def test_cuda_fallback_warns_once_with_the_reason(monkeypatch):
 
 
 def test_cuda_tensors_route_to_the_loaded_kernels(monkeypatch):
+    monkeypatch.setenv(backend.SSD_KERNEL_ENV_VAR, "mamba_ssm")  # the scan of mamba_ssm, not ours (next test)
     calls = {}
 
     def record(name):
@@ -137,6 +138,35 @@ def test_cuda_tensors_route_to_the_loaded_kernels(monkeypatch):
         assert ops.gated_rms_norm(types.SimpleNamespace(device=x.device, dtype=x.dtype, shape=(2, 8)), z,
                                   torch.ones(8), 1e-5, group_size=4) == "norm"
     assert calls["norm"][1]["group_size"] == 4 and calls["norm"][1]["norm_before_gate"] is False
+
+
+def test_cuda_scan_routes_to_our_triton_scan_with_segments_and_the_gate(monkeypatch):
+    """On CUDA the scan goes to ops.triton_ssd (seq_idx as segment ids, z applied after it as mamba_ssm does), unless
+    MEGATRON_HYBRID_SSD_KERNEL=mamba_ssm; a value outside the choices is an error naming the variable."""
+    pytest.importorskip("triton", reason="ops.triton_ssd imports triton")
+    calls = {}
+
+    def own(x, dt, A, B, C, chunk_size, **kwargs):
+        calls["own"] = kwargs
+        return torch.full_like(x, 2.0), torch.zeros(1)
+
+    monkeypatch.setattr(backend, "load_own_triton", lambda *args: own)
+    monkeypatch.setattr(backend, "_cuda_kernel_mode", lambda op, mode, tensor: "auto")
+    monkeypatch.setattr(backend, "load_mamba_ssm_kernels", lambda: pytest.fail("mamba_ssm's scan was called"))
+    b, l, h, p, g, n = 1, 5, 2, 4, 1, 8
+    x, dt, A = torch.zeros(b, l, h, p), torch.zeros(b, l, h), -torch.ones(h)
+    B = C = torch.zeros(b, l, g, n)
+    z = torch.ones(b, l, h, p)
+    seq_idx = torch.tensor([[7, 7, 9, 9, 9]])
+    y = ops.ssd_chunk_scan(x, dt, A, B, C, 16, z=z, seq_idx=seq_idx)
+    torch.testing.assert_close(y, torch.full_like(x, 2.0 * torch.nn.functional.silu(torch.tensor(1.0)).item()))
+    assert calls["own"]["segments"].tolist() == [[1, 1, 2, 2, 2]]
+    # outside what our kernels cover (D per channel): mamba_ssm's scan, which the fake loader refuses
+    with pytest.raises(pytest.fail.Exception, match="mamba_ssm's scan was called"):
+        ops.ssd_chunk_scan(x, dt, A, B, C, 16, D=torch.ones(h, p))
+    monkeypatch.setenv(backend.SSD_KERNEL_ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="MEGATRON_HYBRID_SSD_KERNEL='fastest'"):
+        ops.ssd_chunk_scan(x, dt, A, B, C, 16)
 
 
 def test_loader_reaches_triton_submodules_when_package_init_fails(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""GPU fast path (mamba_ssm Triton kernels, causal_conv1d) against the pure-PyTorch reference.
+"""GPU fast path (our Triton scan, mamba_ssm Triton kernels, causal_conv1d) against the pure-PyTorch reference.
 
 Skipped unless CUDA is available and mamba_ssm's Triton kernels load. The kernels use TF32 matmuls for float32
 inputs, so agreement is checked relative to the output scale rather than to float64 precision.
@@ -31,7 +31,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
     assert err <= rel * scale, f"max abs error {err:.3e} exceeds {rel} x scale {scale:.3e}"
 
 
-def test_scan_forward_and_backward_match_reference():
+@pytest.mark.parametrize("ssd_kernel", ["own", "mamba_ssm"])
+def test_scan_forward_and_backward_match_reference(ssd_kernel, monkeypatch):
+    monkeypatch.setenv("MEGATRON_HYBRID_SSD_KERNEL", ssd_kernel)  # ops.triton_ssd, or mamba_ssm's kernels
     torch.manual_seed(0)
     b, l, h, p, g, n = 2, 300, 8, 32, 2, 64
     dev = "cuda"
