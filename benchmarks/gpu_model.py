@@ -4,12 +4,14 @@
    the backward's (both passes' tiles, rows per program) by GPU time, keeps the fastest settings in
    ``ops.triton_conv1d`` for the rest of the run and prints them (``chosen``) to copy into the module; bf16
    correctness against the reference; the old float32 PyTorch fallback for scale.
+0b. SSD scan alone (``--parts ssd``): our Triton scan (``ops.triton_ssd``) against mamba_ssm's, correctness against
+   the float64 reference and speed at the 800M layer shape, and a sweep of our kernels' launch settings.
 1. Breakdown (``--parts breakdown``): torch.profiler (CUDA activity) over a few MambaLayer forward+backward passes at
    the 800M layer shape and over the bare ``mamba_chunk_scan_combined`` on the same shapes: top kernels by total time
    (name, calls, ms per iteration), the kernel sum, per-category sums, and the GPU idle time of the layer.
 2. Mamba layer overhead (``--parts layer``): forward+backward of one full MambaLayer (norm, in_proj, conv, SSD, gated
    norm, out_proj, residual) at the 800M layer shape (b4, L4096, hidden 1024, 32 heads x 64, 8 groups, d_state 128,
-   chunk 128) in bf16, against the bare ``mamba_chunk_scan_combined`` call on the same shapes.
+   chunk 128) in bf16, with our scan and with mamba_ssm's, against the bare scan calls on the same shapes.
 3. Model parity: the 800M-shaped stack (few layers) with the fast path against the pure-torch reference, bf16 autocast,
    forward loss and parameter gradients (relative errors).
 4. Memory (``--parts memory``): bytes saved for backward per layer type with the real kernels at b1 x 4096 (the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -40,7 +43,11 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 from megatron_hybrid.config import HybridConfig  # noqa: E402
 from megatron_hybrid.layers.hybrid_layers import MambaLayer  # noqa: E402
 from megatron_hybrid.models.mamba_model import MambaModel  # noqa: E402
+from megatron_hybrid.ops._common import segment_ids  # noqa: E402
+from megatron_hybrid.ops.backend import SSD_KERNEL_ENV_VAR, SSD_KERNELS  # noqa: E402
 from megatron_hybrid.ops.mamba_ssm_loader import load_mamba_ssm_kernels  # noqa: E402
+from megatron_hybrid.ops.ssd import ssd_chunk_scan_ref  # noqa: E402
+from megatron_hybrid.ops.triton_ssd import ssd_chunk_scan_triton  # noqa: E402
 from megatron_hybrid.parallel.state import ParallelGroups  # noqa: E402
 
 PATTERN_800M = "M-M-M--M-*M-M-M-M--*M-M-M-M-*M--M-M-M-*M-M--M-M-"
@@ -116,13 +123,27 @@ def mamba_layer_overhead(batch: int = 4, seqlen: int = 4096) -> dict:
     def scan_fwd_bwd():
         scan().backward(torch.ones_like(x))
 
-    out = {
-        "layer_fwd_ms": timed(layer_fwd),
-        "layer_fwd_bwd_ms": timed(layer_fwd_bwd),
-        "bare_scan_fwd_ms": timed(scan),
-        "bare_scan_fwd_bwd_ms": timed(scan_fwd_bwd),
-    }
-    out["overhead_fwd_bwd_pct"] = round(100 * (out["layer_fwd_bwd_ms"] / out["bare_scan_fwd_bwd_ms"] - 1), 1)
+    def own_scan():
+        return ssd_chunk_scan_triton(x, dt, A, B, C, 128, D=D, dt_bias=dt_bias, dt_softplus=True)[0]
+
+    def own_scan_fwd_bwd():
+        own_scan().backward(torch.ones_like(x))
+
+    out = {}
+    for kernel in SSD_KERNELS:  # the layer with our scan, then with mamba_ssm's
+        os.environ[SSD_KERNEL_ENV_VAR] = kernel
+        out[f"layer_fwd_ms[{kernel} scan]"] = timed(layer_fwd)
+        out[f"layer_fwd_bwd_ms[{kernel} scan]"] = timed(layer_fwd_bwd)
+    os.environ.pop(SSD_KERNEL_ENV_VAR)
+    out["bare_scan_fwd_ms"] = timed(scan)
+    out["bare_scan_fwd_bwd_ms"] = timed(scan_fwd_bwd)
+    out["own_bare_scan_fwd_ms"] = timed(own_scan)
+    out["own_bare_scan_fwd_bwd_ms"] = timed(own_scan_fwd_bwd)
+    for kernel in SSD_KERNELS:
+        out[f"overhead_fwd_bwd_pct[{kernel} scan layer vs mamba_ssm bare scan]"] = round(
+            100 * (out[f"layer_fwd_bwd_ms[{kernel} scan]"] / out["bare_scan_fwd_bwd_ms"] - 1), 1)
+    out["overhead_fwd_bwd_pct[own scan layer vs own bare scan]"] = round(
+        100 * (out["layer_fwd_bwd_ms[own scan]"] / out["own_bare_scan_fwd_bwd_ms"] - 1), 1)
     # Where the rest goes: the two projections alone (their FLOPs are fixed by the model shape).
     w_in = layer.mixer.in_proj.weight
     w_out = layer.mixer.out_proj.weight
@@ -234,6 +255,138 @@ def gpu_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     end.record()
     torch.cuda.synchronize()
     return round(start.elapsed_time(end) / iters, 4)
+
+def _ssd_inputs(batch: int, seqlen: int, h: int = 32, p: int = 64, g: int = 8, n: int = 128, seed: int = 0):
+    """The mixer's scan inputs at init-like scales: x, B, C strided views into one conv output, dt raw (bf16) with the
+    mixer's dt_bias init (dt in [1e-3, 0.1]), A in -[1, 16], D = 1."""
+    torch.manual_seed(seed)
+    xbc = torch.randn(batch, seqlen, h * p + 2 * g * n, device="cuda", dtype=torch.bfloat16)
+    dt = (torch.randn(batch, seqlen, h, device="cuda") * 0.5).to(torch.bfloat16)
+    A = -(torch.rand(h, device="cuda") * 15 + 1)
+    dt_init = torch.exp(torch.rand(h, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt_bias = dt_init + torch.log(-torch.expm1(-dt_init))
+    return [xbc, dt, A, torch.ones(h, device="cuda"), dt_bias], (h, p, g, n)
+
+
+def _ssd_call(kernel: str, leaves, dims, seq_idx=None, chunk: int = 128):
+    xbc, dt, A, D, dt_bias = leaves
+    h, p, g, n = dims
+    b, l = xbc.shape[:2]
+    x = xbc[..., :h * p].unflatten(-1, (h, p))
+    B = xbc[..., h * p:h * p + g * n].unflatten(-1, (g, n))
+    C = xbc[..., h * p + g * n:].unflatten(-1, (g, n))
+    if kernel == "reference":
+        return ssd_chunk_scan_ref(x.double(), dt.double(), A.double(), B.double(), C.double(), chunk, D=D.double(),
+                                  dt_bias=dt_bias.double(), dt_softplus=True, seq_idx=seq_idx)
+    segments = segment_ids(seq_idx) if seq_idx is not None else None
+    if kernel == "own":
+        return ssd_chunk_scan_triton(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
+                                     segments=segments)[0]
+    return load_mamba_ssm_kernels().mamba_chunk_scan_combined(
+        x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
+        seq_idx=segments.int() if segments is not None else None)
+
+
+SSD_SWEEP = [(block, warps, stages) for block in (64, 32) for warps in (4, 8) for stages in (1, 2, 3)]
+
+
+# Our scan's kernels by their key in ops.triton_ssd.WARPS / STAGES, as the profiler names them.
+SSD_KERNEL_NAMES = {"state": "_chunk_state_fwd", "scan": "_chunk_scan_fwd", "dstate": "_chunk_dstate_bwd",
+                    "dx_db": "_chunk_scan_bwd_dx_db", "dc": "_chunk_scan_bwd_dc"}
+
+
+def ssd_scan(batch: int = 4, seqlen: int = 4096, sweep: bool = False) -> dict:
+    """Our Triton scan (``ops.triton_ssd``) against mamba_ssm's ``mamba_chunk_scan_combined``.
+
+    Correctness: bf16 output and every input gradient (x, B, C through their shared buffer; dt, A, D, dt_bias) of
+    both against the float64 reference on the same inputs, without and with documents. Speed at the 800M layer shape:
+    wall time of a call (CUDA events, launches included) and GPU time (``gpu_ms``), forward and forward+backward,
+    profiler kernel tables. With ``sweep``: (token block, warps, stages) of our kernels by kernel time; the block of
+    the fastest total and, at that block, each kernel's fastest (warps, stages) are kept for the rest of the run and
+    printed (``chosen``, to copy into ``ops.triton_ssd``).
+    """
+    from megatron_hybrid.ops import triton_ssd
+
+    out: dict = {"correctness": {}}
+    for seqlen_c, documents in ((1000, False), (1000, True), (4096, False)):
+        leaves, dims = _ssd_inputs(2, seqlen_c)
+        seq_idx = None
+        if documents:
+            seq_idx = torch.zeros(2, seqlen_c, dtype=torch.long, device="cuda")
+            seq_idx[0, 300:] = 1
+            seq_idx[0, 301:] = 2  # a one-token document
+            seq_idx[1, 700:] = 5
+        dy = torch.randn(2, seqlen_c, dims[0], dims[1], device="cuda")
+        results = {}
+        for kernel in ("reference", "own", "mamba_ssm"):
+            inputs = [t.detach().clone().requires_grad_() for t in leaves]
+            y = _ssd_call(kernel, inputs, dims, seq_idx)
+            grads = torch.autograd.grad((y.double() * dy.double()).sum(), inputs)
+            results[kernel] = [y, *grads]
+        names = ("y", "dxbc", "ddt", "dA", "dD", "ddt_bias")
+        out["correctness"][f"b2_L{seqlen_c}{'_documents' if documents else ''}"] = {
+            f"{kernel}_vs_float64": {name: round(((a.double() - r.double()).norm() / r.double().norm()).item(), 6)
+                                     for name, a, r in zip(names, results[kernel], results["reference"])}
+            for kernel in ("own", "mamba_ssm")}
+
+    leaves, dims = _ssd_inputs(batch, seqlen)
+    for t in leaves:
+        t.requires_grad_()
+    dy = torch.randn(batch, seqlen, dims[0], dims[1], device="cuda", dtype=torch.bfloat16)
+    for kernel in ("own", "mamba_ssm"):
+        def fwd(kernel=kernel):
+            return _ssd_call(kernel, leaves, dims)
+
+        def fwd_bwd(kernel=kernel):  # gradients returned, not accumulated into .grad (no extra adds timed)
+            torch.autograd.grad(_ssd_call(kernel, leaves, dims), leaves, dy)
+
+        row = {"fwd_wall_ms": timed(fwd, iters=20), "fwd_bwd_wall_ms": timed(fwd_bwd, iters=20),
+               "fwd_gpu_ms": gpu_ms(fwd), "fwd_bwd_gpu_ms": gpu_ms(fwd_bwd)}
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fwd_bwd()
+            torch.cuda.synchronize()
+        row["kernels"] = _kernel_table(prof, 5, top=14)
+        out[kernel] = row
+
+    if sweep:
+        out.update(_ssd_sweep(triton_ssd, lambda: torch.autograd.grad(_ssd_call("own", leaves, dims), leaves, dy)))
+    return out
+
+
+def _ssd_sweep(triton_ssd, own_fwd_bwd) -> dict:
+    sweep = []
+    for block, warps, stages in SSD_SWEEP:
+        triton_ssd.BLOCK_T = block
+        for key in ("state", "scan", "dstate", "dx_db", "dc"):
+            triton_ssd.WARPS[key] = warps
+        for key in triton_ssd.STAGES:
+            triton_ssd.STAGES[key] = stages
+        try:
+            ms = gpu_ms(own_fwd_bwd, iters=10)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    own_fwd_bwd()
+                torch.cuda.synchronize()
+            table = _kernel_table(prof, 3, top=12)
+            sweep.append({"block": block, "warps": warps, "stages": stages, "fwd_bwd_gpu_ms": ms,
+                          "kernels": {r["name"][:26]: r["ms_per_iter"] for r in table["top_kernels"]}})
+        except Exception as exc:  # a configuration that does not compile (registers, shared memory)
+            sweep.append({"block": block, "warps": warps, "stages": stages, "error": repr(exc)[:200]})
+        print("ssd sweep", sweep[-1], flush=True)
+    out = {"sweep": sweep}
+    timed_rows = [r for r in sweep if "fwd_bwd_gpu_ms" in r]
+    if timed_rows:
+        block = min(timed_rows, key=lambda r: r["fwd_bwd_gpu_ms"])["block"]
+        triton_ssd.BLOCK_T = block
+        chosen: dict = {"block": block}
+        for key, name in SSD_KERNEL_NAMES.items():
+            rows = [r for r in timed_rows if r["block"] == block and name[:26] in r["kernels"]]
+            best = min(rows, key=lambda r: r["kernels"][name[:26]])
+            triton_ssd.WARPS[key], triton_ssd.STAGES[key] = best["warps"], best["stages"]
+            chosen[key] = {"warps": best["warps"], "stages": best["stages"], "ms": best["kernels"][name[:26]]}
+        out["chosen"] = chosen
+    return out
 
 
 CONV_FWD_CONFIGS = ((32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 64, 4), (64, 128, 8), (16, 256, 4))
@@ -372,7 +525,7 @@ def _kernel_table(prof, iters: int, top: int) -> dict:
             rows.append((avg.key, avg.count, total_us))
     rows.sort(key=lambda r: -r[2])
     categories = (
-        ("ssd_scan (mamba_ssm)", ("_chunk_", "_state_passing", "_bmm_chunk", "chunk_scan", "chunk_state")),
+        ("ssd scan", ("_chunk_", "_state_passing", "_bmm_chunk", "chunk_scan", "chunk_state", "_dt_bwd")),
         ("conv1d (ours)", ("_conv1d_",)),
         ("gated/rms norm", ("_layer_norm", "rms", "_rms_")),
         ("matmul", ("gemm", "sm90", "nvjet", "cutlass", "xmma", "matmul", "_mm_")),
@@ -499,7 +652,7 @@ def memory_breakdown(batch: int = 1, seqlen: int = 4096) -> dict:
     }
 
 
-PARTS = ("conv", "breakdown", "layer", "parity", "memory", "train")
+PARTS = ("conv", "ssd", "breakdown", "layer", "parity", "memory", "train")
 
 
 def main() -> None:
@@ -512,6 +665,7 @@ def main() -> None:
                              "breakdown: profiler kernel table of one MambaLayer fwd+bwd vs the bare scan; layer: "
                              "layer vs bare scan timings; parity: fast path vs reference; memory; train: 800M steps")
     parser.add_argument("--batches", default="2,4", help="batch sizes of the train part")
+    parser.add_argument("--ssd-sweep", action="store_true", help="ssd part: also sweep our scan kernels' settings")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -524,6 +678,8 @@ def main() -> None:
     for name in parts:
         if name == "conv":
             part("triton_conv1d", print_chars=5000)(triton_conv)
+        elif name == "ssd":
+            part("ssd_scan", print_chars=6000)(lambda: ssd_scan(sweep=args.ssd_sweep))
         elif name == "breakdown":
             part("mamba_layer_breakdown", print_chars=400)(layer_breakdown)  # its tables are printed above
         elif name == "layer":

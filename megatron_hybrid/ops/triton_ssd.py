@@ -45,8 +45,10 @@ __all__ = ["UNAVAILABLE_REASON", "ssd_chunk_scan_triton", "unsupported_reason"]
 # globals read at each call so that tests can shrink them and benchmarks sweep them.
 BLOCK_T = 64
 PASSING_BLOCK = 1024  # state elements per program of the two state-passing kernels
-WARPS = {"state": 4, "passing": 4, "scan": 4, "dstate": 4, "dx_db": 8, "dc": 8, "dt": 4}
-STAGES = {"state": 2, "scan": 2, "dstate": 2, "dx_db": 1, "dc": 1}
+# Warps and pipeline stages per kernel: the fastest of ``benchmarks/gpu_model.py --parts ssd``'s sweep on an H100 at the
+# 800M layer shape (b4, L4096, bf16; 2026-12-07). Eight warps or three stages were slower for every kernel.
+WARPS = {"state": 4, "passing": 4, "scan": 4, "dstate": 4, "dx_db": 4, "dc": 4, "dt": 4}
+STAGES = {"state": 2, "scan": 1, "dstate": 2, "dx_db": 1, "dc": 1}
 MAX_HEADDIM = 128
 MAX_DSTATE = 256
 MAX_CHUNK = 256
