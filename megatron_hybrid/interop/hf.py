@@ -6,18 +6,18 @@ Two Hugging Face architectures describe models we can run:
   MLP (``-``) blocks. This is also the format we export to, so a model trained here loads in ``transformers``.
 * ``mamba2`` (``Mamba2ForCausalLM``): a pure Mamba-2 stack (import only; it exports as an all-``M`` NemotronH).
 
-Facts about transformers 5.23 that shape the conversion (checked against its modeling code):
+Facts about transformers 5.25 that shape the conversion (checked against its modeling code):
 
 * On disk NemotronH tensors are prefixed ``backbone.`` (transformers renames them to ``model.`` in memory); both
   prefixes are accepted on import, ``backbone.`` is written on export. Mamba2 uses ``backbone.`` (legacy
   ``backbone.embedding.weight`` is accepted too).
 * NemotronH attention applies no rotary embedding and no bias, scales by ``head_dim ** -0.5``; q/k/v/o are separate
   matrices while ours is Megatron's fused ``linear_qkv`` (per query group: its q heads, then k, then v).
-* The NemotronH mixer clamps ``softplus(dt + dt_bias)`` to ``[time_step_min, inf)`` and ignores ``time_step_limit``;
-  Mamba2 clamps to ``time_step_limit``. Our ``mamba_dt_limit`` is set to whatever the source model really applies,
-  and on export ``time_step_min`` carries our lower limit (an upper limit cannot be expressed, so it is refused).
-  A lower limit of 0 is written as the smallest normal float32, because transformers' NemotronH initialisation
-  takes ``log(time_step_min)``; such a value is read back as 0.
+* Both mixers clamp ``softplus(dt + dt_bias)`` to ``time_step_limit``, which is our ``mamba_dt_limit``, as
+  mamba_ssm's kernels always did; ``time_step_min`` / ``time_step_max`` only set the initialisation range. (Up to
+  transformers 5.23 the NemotronH PyTorch path clamped to ``[time_step_min, inf)`` instead; checkpoints exported
+  then wrote our lower limit into both fields and a lower limit of 0 as the smallest normal float32, which reads back
+  as 0 here.)
 * ``NemotronHForCausalLM`` never ties ``lm_head`` to the embeddings, whatever ``tie_word_embeddings`` says, so the
   export always writes ``lm_head.weight``, and an import only ties when ``lm_head.weight`` is absent or equal to the
   embedding matrix. ``Mamba2ForCausalLM`` does tie, and omits ``lm_head.weight`` from tied checkpoints.
@@ -31,7 +31,6 @@ Only ``safetensors`` files in a local directory are read; nothing is fetched fro
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -73,7 +72,7 @@ _SYMBOL_TO_NEMOTRON_BLOCK = {symbol: block for block, symbol in _NEMOTRON_BLOCK_
 _HF_TO_OUR_ACTIVATION = {"relu2": "squared_relu", "gelu": "gelu"}
 _OUR_TO_HF_ACTIVATION = {ours: hf for hf, ours in _HF_TO_OUR_ACTIVATION.items()}
 
-_NO_CLAMP = torch.finfo(torch.float32).tiny  # time_step_min written for "no lower dt clamp" (see hf_config_from_hybrid)
+_NO_CLAMP = torch.finfo(torch.float32).tiny  # what exports up to transformers 5.23 wrote for "no lower dt clamp"
 _PREFIX = "backbone."  # the on-disk prefix of NemotronH and Mamba2 backbones
 _IGNORED_HF_KEY = re.compile(r"^(mtp\.|model\.mtp\.|backbone\.mtp\.)")  # NemotronH multi-token-prediction heads
 
@@ -168,8 +167,8 @@ def _common_mamba_checks(config: PreTrainedConfig, act_field: str, problems: lis
 
 
 def _dt_min_for_init(time_step_min: float, time_step_max: float) -> float:
-    # mamba_dt_min only matters for initialising fresh weights; an exported model carries our dt lower limit in
-    # time_step_min (by default "no clamp"), in which case the usual Mamba default stands in.
+    # mamba_dt_min only matters for initialising fresh weights; exports up to transformers 5.23 carried our dt lower
+    # limit in time_step_min (by default "no clamp"), in which case the usual Mamba default stands in.
     if time_step_min > _NO_CLAMP:
         return min(time_step_min, time_step_max)
     return min(0.001, time_step_max)
@@ -235,8 +234,7 @@ def _fields_from_nemotron_h(config: NemotronHConfig) -> dict[str, Any]:
         "mamba_dt_min": _dt_min_for_init(config.time_step_min, config.time_step_max),
         "mamba_dt_max": config.time_step_max,
         "mamba_dt_init_floor": config.time_step_floor,
-        # What NemotronHMamba2Mixer really applies: clamp(dt, min=time_step_min); time_step_limit is unused.
-        "mamba_dt_limit": (_dt_low_from_time_step_min(config.time_step_min), math.inf),
+        "mamba_dt_limit": _dt_limit(config.time_step_limit),
         "norm_epsilon": config.layer_norm_epsilon,
         "residual_in_fp32": bool(config.residual_in_fp32),
         "hidden_dropout": float(config.hidden_dropout),
@@ -255,7 +253,7 @@ def _fields_from_mamba2(config: Mamba2Config) -> dict[str, Any]:
             f"{d_inner}"
         )
     _reject(problems, "mamba2")
-    low, high = (float(v) for v in config.time_step_limit)
+    low, high = _dt_limit(config.time_step_limit)
     return {
         "num_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
@@ -297,14 +295,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _time_step_min_from_dt_limit(dt_low: float) -> float:
-    # transformers' NemotronH init takes log(time_step_min), so 0 ("no clamp") cannot be written as such; the smallest
-    # normal float32 is a clamp that never changes a result (softplus values below it contribute nothing).
-    return float(dt_low) if dt_low > _NO_CLAMP else _NO_CLAMP
-
-
-def _dt_low_from_time_step_min(time_step_min: float) -> float:
-    return float(time_step_min) if time_step_min > _NO_CLAMP else 0.0
+def _dt_limit(time_step_limit) -> tuple[float, float]:
+    low, high = (float(v) for v in time_step_limit)
+    return (low if low > _NO_CLAMP else 0.0), high
 
 
 def hf_config_from_hybrid(config: HybridConfig, **overrides: Any) -> NemotronHConfig:
@@ -330,8 +323,6 @@ def hf_config_from_hybrid(config: HybridConfig, **overrides: Any) -> NemotronHCo
     if config.add_bias_linear:
         problems.append("add_bias_linear=True (NemotronH linears have no bias)")
     dt_low, dt_high = config.mamba_dt_limit
-    if "M" in pattern and not math.isinf(dt_high):
-        problems.append(f"mamba_dt_limit upper bound {dt_high} (NemotronH only clamps dt from below)")
     _reject(problems, "megatron_hybrid")
 
     fields: dict[str, Any] = {
@@ -356,10 +347,9 @@ def hf_config_from_hybrid(config: HybridConfig, **overrides: Any) -> NemotronHCo
         "n_groups": config.mamba_num_groups,
         "conv_kernel": config.mamba_conv_kernel,
         "expand": config.mamba_expand,
-        # NemotronH clamps dt to [time_step_min, inf): time_step_min must carry our lower limit, not the init range.
-        "time_step_min": _time_step_min_from_dt_limit(dt_low),
+        "time_step_min": config.mamba_dt_min,
         "time_step_max": config.mamba_dt_max,
-        "time_step_limit": (_time_step_min_from_dt_limit(dt_low), math.inf),
+        "time_step_limit": (float(dt_low), float(dt_high)),
         "time_step_floor": config.mamba_dt_init_floor,
         "use_conv_bias": config.mamba_conv_bias,
         "chunk_size": config.mamba_chunk_size,

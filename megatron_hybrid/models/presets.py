@@ -101,9 +101,10 @@ def _preset_cpu_bench() -> HybridConfig:
         mamba_state_dim=64,
         mamba_num_groups=2,
         mamba_chunk_size=128,
-        # transformers' NemotronH clamps softplus(dt + dt_bias) at time_step_min (default 0.001); matching it makes the
-        # preset the very network the benchmark compares against.
-        mamba_dt_limit=(0.001, math.inf),
+        # transformers' NemotronH clamps softplus(dt + dt_bias) to time_step_limit, (0, inf) by default (up to 5.23
+        # its PyTorch path clamped at time_step_min = 0.001); matching it makes the preset the very network the
+        # benchmark compares against.
+        mamba_dt_limit=(0.0, math.inf),
         untie_embeddings_and_output_weights=True,
     )
 

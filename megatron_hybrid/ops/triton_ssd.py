@@ -1,9 +1,10 @@
 """Triton chunked SSD scan (Mamba-2) for training: forward and a hand-written backward, documents included.
 
-Why it exists: mamba_ssm's ``mamba_chunk_scan_combined`` spends ~1.8 ms of kernels and ~4 ms of wall time on a
-forward + backward at the 800M layer shape (b4, L4096, 32 heads x 64, 8 groups, d_state 128; H200), most of the wall
+Why it exists: mamba_ssm's ``mamba_chunk_scan_combined`` spends ~2 ms of kernels and 4-6 ms of wall time on a
+forward + backward at the 800M layer shape (b4, L4096, 32 heads x 64, 8 groups, d_state 128; H100), much of the wall
 time launching ~25 kernels and torch ops from Python. Here the forward is three kernels and the backward six, each
-doing a whole chunk's worth of work, and the B / C / x gradients are written once, in their final dtype.
+doing a whole chunk's worth of work, and the B / C / x gradients are written once, in their final dtype: 1.25 ms of
+kernels and 2.2 ms of wall time on the same shape and GPU (``benchmarks/README.md``).
 
 Semantics are those of ``ops.ssd_chunk_scan_ref`` (read its docstring for the chunked form) without ``z`` (the
 dispatcher applies the gate in torch) and with ``D`` of shape [h] or None. Per chunk of ``Q`` tokens, with ``dt``
@@ -77,6 +78,18 @@ def unsupported_reason(
 if triton is not None:
 
     @triton.jit
+    def _rows(base, pos, valid, stride_l, cols, ncols):
+        """The [positions, columns] tile at ``base + pos * stride_l + col`` (columns contiguous), 0 where masked."""
+        return tl.load(base + pos[:, None] * stride_l + cols[None, :], mask=valid[:, None] & (cols[None, :] < ncols),
+                       other=0.0)
+
+    @triton.jit
+    def _rows_t(base, pos, valid, stride_l, cols, ncols):
+        """The same tile transposed: [columns, positions]."""
+        return tl.load(base + pos[None, :] * stride_l + cols[:, None], mask=valid[None, :] & (cols[:, None] < ncols),
+                       other=0.0)
+
+    @triton.jit
     def _processed_dt(DT, DT_BIAS, dt_base, pos, valid, stride_dtl, hh,
                       dt_min, dt_max, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         """Raw dt at ``pos`` (+ bias) and the processed dt (softplus with threshold 20, clamp; 0 where not valid)."""
@@ -142,10 +155,8 @@ if triton is not None:
             if HAS_SEG:
                 seg = tl.load(SEG + b * stride_segb + pos, mask=valid, other=-1)
                 scale = tl.where(seg == seg_last, scale, 0.0)
-            x = tl.load(X + b * stride_xb + pos[:, None] * stride_xl + hh * stride_xh + offs_p[None, :],
-                        mask=valid[:, None] & (offs_p[None, :] < P), other=0.0)
-            bm = tl.load(B + b * stride_bb + pos[:, None] * stride_bl + g * stride_bg + offs_n[None, :],
-                         mask=valid[:, None] & (offs_n[None, :] < N), other=0.0)
+            x = _rows(X + b * stride_xb + hh * stride_xh, pos, valid, stride_xl, offs_p, P)
+            bm = _rows(B + b * stride_bb + g * stride_bg, pos, valid, stride_bl, offs_n, N)
             xs = (x.to(tl.float32) * scale[:, None]).to(X.dtype.element_ty)
             if IEEE:
                 acc += tl.dot(tl.trans(xs), bm, input_precision="ieee")
@@ -209,8 +220,7 @@ if triton is not None:
         pos_t = start + offs_t
         valid_t = pos_t < seqlen
         a_t = tl.load(ACS + row + offs_t)
-        c_t = tl.load(C + b * stride_cb + pos_t[:, None] * stride_cl + g * stride_cg + offs_n[None, :],
-                      mask=valid_t[:, None] & (offs_n[None, :] < N), other=0.0)
+        c_t = _rows(C + b * stride_cb + g * stride_cg, pos_t, valid_t, stride_cl, offs_n, N)
         if HAS_SEG:
             seg_t = tl.load(SEG + b * stride_segb + pos_t, mask=valid_t, other=-1)
 
@@ -232,10 +242,8 @@ if triton is not None:
             offs_s = s0 + tl.arange(0, BLOCK)
             pos_s = start + offs_s
             valid_s = pos_s < seqlen
-            b_s = tl.load(B + b * stride_bb + pos_s[None, :] * stride_bl + g * stride_bg + offs_n[:, None],
-                          mask=valid_s[None, :] & (offs_n[:, None] < N), other=0.0)  # B_s^T [n, s]
-            x_s = tl.load(X + b * stride_xb + pos_s[:, None] * stride_xl + hh * stride_xh + offs_p[None, :],
-                          mask=valid_s[:, None] & (offs_p[None, :] < P), other=0.0)
+            b_s = _rows_t(B + b * stride_bb + g * stride_bg, pos_s, valid_s, stride_bl, offs_n, N)  # B_s^T [n, s]
+            x_s = _rows(X + b * stride_xb + hh * stride_xh, pos_s, valid_s, stride_xl, offs_p, P)
             a_s = tl.load(ACS + row + offs_s)
             dt_s = tl.load(DTP + row + offs_s)
             if IEEE:
@@ -253,8 +261,7 @@ if triton is not None:
             else:
                 acc += tl.dot(m, x_s)
 
-        x_t = tl.load(X + b * stride_xb + pos_t[:, None] * stride_xl + hh * stride_xh + offs_p[None, :],
-                      mask=valid_t[:, None] & (offs_p[None, :] < P), other=0.0)
+        x_t = _rows(X + b * stride_xb + hh * stride_xh, pos_t, valid_t, stride_xl, offs_p, P)
         if HAS_D:
             acc += tl.load(D + hh).to(tl.float32) * x_t.to(tl.float32)
         tl.store(Y + b * stride_yb + pos_t[:, None] * stride_yl + hh * stride_yh + offs_p[None, :],
@@ -292,10 +299,8 @@ if triton is not None:
             if HAS_SEG:
                 seg = tl.load(SEG + b * stride_segb + pos, mask=valid, other=-1)
                 scale = tl.where(seg == seg_prev, scale, 0.0)
-            dy = tl.load(DY + b * stride_dyb + pos[None, :] * stride_dyl + hh * stride_dyh + offs_p[:, None],
-                         mask=valid[None, :] & (offs_p[:, None] < P), other=0.0)  # dy^T [p, t]
-            c = tl.load(C + b * stride_cb + pos[:, None] * stride_cl + g * stride_cg + offs_n[None, :],
-                        mask=valid[:, None] & (offs_n[None, :] < N), other=0.0)
+            dy = _rows_t(DY + b * stride_dyb + hh * stride_dyh, pos, valid, stride_dyl, offs_p, P)  # dy^T [p, t]
+            c = _rows(C + b * stride_cb + g * stride_cg, pos, valid, stride_cl, offs_n, N)
             cs = (c.to(tl.float32) * scale[:, None]).to(C.dtype.element_ty)
             if IEEE:
                 acc += tl.dot(dy, cs, input_precision="ieee")
@@ -368,8 +373,7 @@ if triton is not None:
         pos_s = start + offs_s
         valid_s = pos_s < seqlen
         mask_sp = valid_s[:, None] & (offs_p[None, :] < P)
-        b_s = tl.load(B + b * stride_bb + pos_s[:, None] * stride_bl + g * stride_bg + offs_n[None, :],
-                      mask=valid_s[:, None] & (offs_n[None, :] < N), other=0.0)
+        b_s = _rows(B + b * stride_bb + g * stride_bg, pos_s, valid_s, stride_bl, offs_n, N)
         if HAS_SEG:
             seg_s = tl.load(SEG + b * stride_segb + pos_s, mask=valid_s, other=-1)
             seg_last = tl.load(SEG + b * stride_segb + tl.minimum(start + Q, seqlen) - 1)
@@ -381,8 +385,7 @@ if triton is not None:
             a_s = tl.load(ACS + row + offs_s)
             dt_s = tl.load(DTP + row + offs_s)
             a_last = tl.load(ACS + row + Q - 1)
-            x_s = tl.load(X + b * stride_xb + pos_s[:, None] * stride_xl + hh * stride_xh + offs_p[None, :],
-                          mask=mask_sp, other=0.0)
+            x_s = _rows(X + b * stride_xb + hh * stride_xh, pos_s, valid_s, stride_xl, offs_p, P)
             dl = tl.load(DL + ((b * nchunks + pid_c) * nheads + hh) * (P * N) + offs_p[:, None] * N
                          + offs_n[None, :], mask=(offs_p[:, None] < P) & (offs_n[None, :] < N), other=0.0)
             # The chunk's own state L_c = sum_s e_s dt_s x_s B_s^T, e_s = exp(a_last - a_s).
@@ -405,10 +408,8 @@ if triton is not None:
                 offs_t = t0 + tl.arange(0, BLOCK)
                 pos_t = start + offs_t
                 valid_t = pos_t < seqlen
-                dy_t = tl.load(DY + b * stride_dyb + pos_t[:, None] * stride_dyl + hh * stride_dyh
-                               + offs_p[None, :], mask=valid_t[:, None] & (offs_p[None, :] < P), other=0.0)
-                c_t = tl.load(C + b * stride_cb + pos_t[:, None] * stride_cl + g * stride_cg + offs_n[None, :],
-                              mask=valid_t[:, None] & (offs_n[None, :] < N), other=0.0)
+                dy_t = _rows(DY + b * stride_dyb + hh * stride_dyh, pos_t, valid_t, stride_dyl, offs_p, P)
+                c_t = _rows(C + b * stride_cb + g * stride_cg, pos_t, valid_t, stride_cl, offs_n, N)
                 a_t = tl.load(ACS + row + offs_t)
                 keep = offs_t[None, :] >= offs_s[:, None]
                 if HAS_SEG:
@@ -432,8 +433,7 @@ if triton is not None:
                 pair = wd * cb  # d/da_t of the pair's term, and minus its d/da_s
                 da_s -= tl.sum(pair, 1)
                 tl.atomic_add(DA + row + offs_t, tl.sum(pair, 0), mask=valid_t)
-            dy_s = tl.load(DY + b * stride_dyb + pos_s[:, None] * stride_dyl + hh * stride_dyh + offs_p[None, :],
-                           mask=mask_sp, other=0.0).to(tl.float32)
+            dy_s = _rows(DY + b * stride_dyb + hh * stride_dyh, pos_s, valid_s, stride_dyl, offs_p, P).to(tl.float32)
             dx = dxu * dt_s[:, None]
             if HAS_D:
                 dx += tl.load(D + hh).to(tl.float32) * dy_s
@@ -472,8 +472,7 @@ if triton is not None:
         offs_t = pid_t * BLOCK + tl.arange(0, BLOCK)
         pos_t = start + offs_t
         valid_t = pos_t < seqlen
-        c_t = tl.load(C + b * stride_cb + pos_t[:, None] * stride_cl + g * stride_cg + offs_n[None, :],
-                      mask=valid_t[:, None] & (offs_n[None, :] < N), other=0.0).to(tl.float32)
+        c_t = _rows(C + b * stride_cb + g * stride_cg, pos_t, valid_t, stride_cl, offs_n, N).to(tl.float32)
         if HAS_SEG:
             seg_t = tl.load(SEG + b * stride_segb + pos_t, mask=valid_t, other=-1)
             seg_prev = tl.load(SEG + b * stride_segb + tl.maximum(start - 1, 0))
@@ -484,8 +483,7 @@ if triton is not None:
             bh = b * nheads + hh
             row = bh * padded_len + start
             a_t = tl.load(ACS + row + offs_t)
-            dy_t = tl.load(DY + b * stride_dyb + pos_t[:, None] * stride_dyl + hh * stride_dyh + offs_p[None, :],
-                           mask=valid_t[:, None] & (offs_p[None, :] < P), other=0.0)
+            dy_t = _rows(DY + b * stride_dyb + hh * stride_dyh, pos_t, valid_t, stride_dyl, offs_p, P)
             h = tl.load(H + ((b * nchunks + pid_c) * nheads + hh) * (P * N) + offs_p[:, None] * N
                         + offs_n[None, :], mask=(offs_p[:, None] < P) & (offs_n[None, :] < N), other=0.0)
             scale = tl.exp(a_t)
@@ -501,10 +499,8 @@ if triton is not None:
                 offs_s = s0 + tl.arange(0, BLOCK)
                 pos_s = start + offs_s
                 valid_s = pos_s < seqlen
-                x_s = tl.load(X + b * stride_xb + pos_s[None, :] * stride_xl + hh * stride_xh + offs_p[:, None],
-                              mask=valid_s[None, :] & (offs_p[:, None] < P), other=0.0)  # x_s^T [p, s]
-                b_s = tl.load(B + b * stride_bb + pos_s[:, None] * stride_bl + g * stride_bg + offs_n[None, :],
-                              mask=valid_s[:, None] & (offs_n[None, :] < N), other=0.0)
+                x_s = _rows_t(X + b * stride_xb + hh * stride_xh, pos_s, valid_s, stride_xl, offs_p, P)  # x_s^T [p, s]
+                b_s = _rows(B + b * stride_bb + g * stride_bg, pos_s, valid_s, stride_bl, offs_n, N)
                 a_s = tl.load(ACS + row + offs_s)
                 dt_s = tl.load(DTP + row + offs_s)
                 keep = offs_t[:, None] >= offs_s[None, :]

@@ -66,8 +66,8 @@ def tiny_mamba2_config(**overrides) -> transformers.Mamba2Config:
 def perturb_(model: torch.nn.Module, seed: int, dt_bias_range: tuple[float, float] = (-9.0, 1.0)) -> None:
     """Fill every parameter with seeded random values of a realistic scale.
 
-    ``dt_bias`` spans very negative values by default so that ``softplus(dt)`` falls below NemotronH's
-    ``time_step_min`` clamp for some tokens and heads, exercising that clamp too.
+    ``dt_bias`` spans very negative values by default so that ``softplus(dt)`` falls below the lower bound of a
+    ``time_step_limit`` clamp for some tokens and heads, exercising that clamp too where a test sets one.
     """
     generator = torch.Generator().manual_seed(seed)
     seen: set[int] = set()

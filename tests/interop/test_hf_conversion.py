@@ -36,7 +36,7 @@ def _disk_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_nemotron_h_config_fields() -> None:
-    hf = tiny_nemotron_h_config(time_step_min=0.002, residual_in_fp32=True)
+    hf = tiny_nemotron_h_config(time_step_min=0.002, time_step_limit=(0.0005, 3.0), residual_in_fp32=True)
     config = hybrid_config_from_hf(hf)
     assert config.layer_pattern == "M*-M*-"
     assert (config.num_layers, config.hidden_size, config.vocab_size) == (6, 32, 61)
@@ -45,8 +45,9 @@ def test_nemotron_h_config_fields() -> None:
     assert (config.ffn_hidden_size, config.activation) == (48, "squared_relu")
     assert (config.mamba_num_heads, config.mamba_head_dim, config.mamba_num_groups) == (8, 8, 2)
     assert (config.mamba_state_dim, config.mamba_conv_kernel, config.mamba_chunk_size) == (8, 4, 8)
-    # NemotronHMamba2Mixer clamps dt to [time_step_min, inf) and ignores time_step_limit.
-    assert config.mamba_dt_limit == (0.002, math.inf)
+    # NemotronHMamba2Mixer clamps dt to time_step_limit (transformers >= 5.25); time_step_min is the init range.
+    assert config.mamba_dt_limit == (0.0005, 3.0)
+    assert config.mamba_dt_min == 0.002
     assert config.residual_in_fp32 is True
     assert config.untie_embeddings_and_output_weights is True
     assert config.norm_epsilon == hf.layer_norm_epsilon
@@ -76,18 +77,27 @@ def test_hf_config_round_trip() -> None:
         assert getattr(back, field) == getattr(hf, field), field
 
 
-def test_export_config_carries_dt_lower_limit_in_time_step_min() -> None:
+@pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.001, 10.0)])
+def test_export_config_carries_dt_limit_in_time_step_limit(dt_limit) -> None:
     config = HybridConfig(num_layers=2, hidden_size=32, vocab_size=10, hybrid_override_pattern="M-",
                           mamba_head_dim=8, mamba_num_groups=2, mamba_state_dim=8, mamba_dt_min=0.01,
-                          mamba_dt_limit=(0.0, math.inf))
+                          mamba_dt_limit=dt_limit)
     hf = hf_config_from_hybrid(config)
-    # Not mamba_dt_min (NemotronH would clamp dt at it) and not 0 (NemotronH's init takes its log): the tiniest
-    # normal float32, a clamp that changes nothing.
-    assert hf.time_step_min == torch.finfo(torch.float32).tiny
-    assert tuple(hf.time_step_limit) == (hf.time_step_min, math.inf)
+    assert tuple(hf.time_step_limit) == dt_limit  # the clamp NemotronH applies
+    assert hf.time_step_min == 0.01  # the initialisation range only
     transformers.NemotronHForCausalLM(hf)  # constructible
     assert hf.mlp_hidden_act == "relu2"
-    assert hybrid_config_from_hf(hf).mamba_dt_limit == (0.0, math.inf)
+    assert hybrid_config_from_hf(hf).mamba_dt_limit == dt_limit
+
+
+def test_exports_of_transformers_5_23_read_back_with_their_clamp() -> None:
+    """Up to transformers 5.23 NemotronH clamped to [time_step_min, inf) on CPU; our exports then wrote the lower limit
+    into both fields, 0 as the tiniest normal float32. Those files keep their meaning."""
+    tiny = torch.finfo(torch.float32).tiny
+    hf = tiny_nemotron_h_config(time_step_min=tiny, time_step_limit=(tiny, math.inf))
+    config = hybrid_config_from_hf(hf)
+    assert config.mamba_dt_limit == (0.0, math.inf)
+    assert config.mamba_dt_min == 0.001  # "no clamp" is not an init range: the usual Mamba default
 
 
 def test_mamba2_config_fields() -> None:
@@ -233,7 +243,6 @@ def _small_config(**overrides) -> HybridConfig:
     ({"activation": "swiglu"}, "swiglu"),
     ({"position_embedding_type": "rope"}, "position_embedding_type"),
     ({"add_bias_linear": True}, "add_bias_linear"),
-    ({"mamba_dt_limit": (0.0, 10.0)}, "upper bound"),
 ])
 def test_export_of_unsupported_features_raises(overrides: dict, message: str) -> None:
     with pytest.raises(HFInteropError, match=message):

@@ -108,8 +108,9 @@ def test_vocab_padding_does_not_change_logits(tmp_path) -> None:
 def test_greedy_generation_matches_hf_generate(kind: str, tmp_path) -> None:
     # No eos: HF would stop (or, with min_new_tokens, mask it) where plain argmax decoding goes on.
     if kind == "nemotron_h":
-        # A negligible time_step_min: transformers' cached decode step does not apply the dt clamp that its prefill
-        # applies, so a real clamp would make HF disagree with itself, not with us (0 is refused by its init).
+        # No dt clamp (time_step_limit (0, inf); time_step_min, the init range, negligible as up to transformers 5.23
+        # it was the clamp): HF's cached decode step does not apply the clamp its prefill applies, so a real clamp
+        # would make HF disagree with itself, not with us.
         config = tiny_nemotron_h_config(time_step_min=1e-30, eos_token_id=None)
     else:
         config = tiny_mamba2_config(eos_token_id=None)
