@@ -152,7 +152,8 @@ def test_greedy_matches_transformers_nemotron_h_generate(tmp_path) -> None:
     """Same weights in transformers' NemotronHForCausalLM: our engine's greedy tokens equal HF ``generate``.
 
     HF's cached decode step skips the dt clamp (time_step_limit; time_step_min up to transformers 5.23) its prefill
-    applies, so the oracle keeps that clamp negligible; prompts of different lengths run in ONE engine batch but through separate HF calls.
+    applies, so the oracle keeps that clamp negligible; prompts of different lengths run in ONE engine batch but
+    through separate HF calls.
     """
     oracle = hf_oracle()
     config = oracle.tiny_nemotron_h_config(time_step_min=1e-30, eos_token_id=None)
