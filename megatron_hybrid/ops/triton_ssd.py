@@ -27,9 +27,11 @@ over its heads so B's gradient is summed in registers), ``_chunk_scan_bwd_dc`` (
 ``_dt_bwd`` (the reverse cumsum of the log-decay gradient, then through clamp, softplus and bias). Gradients of the
 log-decays arrive from several programs through float32 atomic adds into one [b*h, L] buffer.
 
-Matmuls take operands in the input dtype with float32 accumulation (like mamba_ssm); float32 inputs use IEEE float32
-dots. Importing this module imports triton; ``ops.backend`` only does that on CUDA tensors. Under
-``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which is how the tests check them without a GPU.
+The forward keeps ``H_c`` for the backward (b x chunks x h x p x n in the input dtype: 67 MB per layer at the 800M
+shape, +1.4 GB peak in the 800M b4 training step) where mamba_ssm recomputes its states. Matmuls take operands in the
+input dtype with float32 accumulation (like mamba_ssm); float32 inputs use IEEE float32 dots. Importing this module
+imports triton; ``ops.backend`` only does that on CUDA tensors. Under ``TRITON_INTERPRET=1`` the same kernels run on
+CPU tensors, which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ PASSING_BLOCK = 1024  # state elements per program of the two state-passing kern
 # 800M layer shape (b4, L4096, bf16; 2026-12-07). Eight warps or three stages were slower for every kernel.
 WARPS = {"state": 4, "passing": 4, "scan": 4, "dstate": 4, "dx_db": 4, "dc": 4, "dt": 4}
 STAGES = {"state": 2, "scan": 1, "dstate": 2, "dx_db": 1, "dc": 1}
-MAX_HEADDIM = 128
-MAX_DSTATE = 256
+# The largest shapes run on a GPU so far (headdim 64, d_state 128: every Mamba-2 / Nemotron-H size); larger tiles may
+# exceed registers or shared memory, so they go to mamba_ssm's kernels until measured.
+MAX_HEADDIM = 64
+MAX_DSTATE = 128
 MAX_CHUNK = 256
 
 
@@ -79,21 +83,22 @@ if triton is not None:
 
     @triton.jit
     def _rows(base, pos, valid, stride_l, cols, ncols):
-        """The [positions, columns] tile at ``base + pos * stride_l + col`` (columns contiguous), 0 where masked."""
-        return tl.load(base + pos[:, None] * stride_l + cols[None, :], mask=valid[:, None] & (cols[None, :] < ncols),
-                       other=0.0)
+        """The [positions, columns] tile at ``base + pos * stride_l + col`` (columns contiguous), 0 where masked.
+        Offsets in int64: a position times the row stride of the conv output passes 2**31 beyond ~200K tokens."""
+        return tl.load(base + pos.to(tl.int64)[:, None] * stride_l + cols[None, :],
+                       mask=valid[:, None] & (cols[None, :] < ncols), other=0.0)
 
     @triton.jit
     def _rows_t(base, pos, valid, stride_l, cols, ncols):
         """The same tile transposed: [columns, positions]."""
-        return tl.load(base + pos[None, :] * stride_l + cols[:, None], mask=valid[None, :] & (cols[:, None] < ncols),
-                       other=0.0)
+        return tl.load(base + pos.to(tl.int64)[None, :] * stride_l + cols[:, None],
+                       mask=valid[None, :] & (cols[:, None] < ncols), other=0.0)
 
     @triton.jit
     def _processed_dt(DT, DT_BIAS, dt_base, pos, valid, stride_dtl, hh,
                       dt_min, dt_max, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         """Raw dt at ``pos`` (+ bias) and the processed dt (softplus with threshold 20, clamp; 0 where not valid)."""
-        raw = tl.load(DT + dt_base + pos * stride_dtl, mask=valid, other=0.0).to(tl.float32)
+        raw = tl.load(DT + dt_base + pos.to(tl.int64) * stride_dtl, mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += tl.load(DT_BIAS + hh).to(tl.float32)
         dt = raw
@@ -264,7 +269,7 @@ if triton is not None:
         x_t = _rows(X + b * stride_xb + hh * stride_xh, pos_t, valid_t, stride_xl, offs_p, P)
         if HAS_D:
             acc += tl.load(D + hh).to(tl.float32) * x_t.to(tl.float32)
-        tl.store(Y + b * stride_yb + pos_t[:, None] * stride_yl + hh * stride_yh + offs_p[None, :],
+        tl.store(Y + b * stride_yb + pos_t.to(tl.int64)[:, None] * stride_yl + hh * stride_yh + offs_p[None, :],
                  acc.to(Y.dtype.element_ty), mask=valid_t[:, None] & (offs_p[None, :] < P))
 
     @triton.jit
@@ -439,12 +444,12 @@ if triton is not None:
                 dx += tl.load(D + hh).to(tl.float32) * dy_s
                 tl.store(DD + (bh * nchunks + pid_c) * tl.num_programs(0) + pid_s,
                          tl.sum(tl.sum(dy_s * x_s.to(tl.float32), 1), 0))
-            tl.store(DX + b * stride_dxb + pos_s[:, None] * stride_dxl + hh * stride_dxh + offs_p[None, :],
+            tl.store(DX + b * stride_dxb + pos_s.to(tl.int64)[:, None] * stride_dxl + hh * stride_dxh + offs_p[None, :],
                      dx.to(DX.dtype.element_ty), mask=mask_sp)
             tl.store(DDT + row + offs_s, tl.sum(dxu * x_s.to(tl.float32), 1))
             tl.atomic_add(DA + row + offs_s, da_s, mask=valid_s)
             tl.atomic_add(DA + row + Q - 1, da_last)
-        tl.store(DB + b * stride_dbb + pos_s[:, None] * stride_dbl + g * stride_dbg + offs_n[None, :],
+        tl.store(DB + b * stride_dbb + pos_s.to(tl.int64)[:, None] * stride_dbl + g * stride_dbg + offs_n[None, :],
                  db_acc.to(DB.dtype.element_ty), mask=valid_s[:, None] & (offs_n[None, :] < N))
 
     @triton.jit
@@ -517,7 +522,7 @@ if triton is not None:
                     dc_acc += tl.dot(wd, b_s, input_precision="ieee")
                 else:
                     dc_acc += tl.dot(wd, b_s)
-        tl.store(DC + b * stride_dcb + pos_t[:, None] * stride_dcl + g * stride_dcg + offs_n[None, :],
+        tl.store(DC + b * stride_dcb + pos_t.to(tl.int64)[:, None] * stride_dcl + g * stride_dcg + offs_n[None, :],
                  dc_acc.to(DC.dtype.element_ty), mask=valid_t[:, None] & (offs_n[None, :] < N))
 
     @triton.jit
@@ -555,7 +560,7 @@ if triton is not None:
         else:
             grad = tl.where((soft >= dt_min) & (soft <= dt_max), grad, 0.0)
         grad = tl.where(valid, grad, 0.0)
-        tl.store(DDT_RAW + b * stride_ddb + pos * stride_ddl + hh * stride_ddh,
+        tl.store(DDT_RAW + b * stride_ddb + pos.to(tl.int64) * stride_ddl + hh * stride_ddh,
                  grad.to(DDT_RAW.dtype.element_ty), mask=valid)
         part = (b * nchunks + pid_c) * nheads + hh
         tl.store(DA_PART + part, tl.sum(d_dta * dt, 0))

@@ -175,8 +175,8 @@ def test_unsupported_arguments_are_named():
     assert unsupported_reason(x, B, B, 128, torch.zeros(2)) is None
     assert "chunk_size 96" in unsupported_reason(x, B, B, 96, None)
     assert "chunk_size 512" in unsupported_reason(x, B, B, 512, None)
-    assert "headdim 256" in unsupported_reason(torch.zeros(1, 8, 2, 256), B, B, 128, None)
-    assert "d_state 512" in unsupported_reason(x, torch.zeros(1, 8, 1, 512), torch.zeros(1, 8, 1, 512), 128, None)
+    assert "headdim 128" in unsupported_reason(torch.zeros(1, 8, 2, 128), B, B, 128, None)
+    assert "d_state 256" in unsupported_reason(x, torch.zeros(1, 8, 1, 256), torch.zeros(1, 8, 1, 256), 128, None)
     assert "D of shape" in unsupported_reason(x, B, B, 128, torch.zeros(2, 64))
     assert "mixed dtypes" in unsupported_reason(x, B.bfloat16(), B, 128, None)
     assert "float64" in unsupported_reason(x.double(), B.double(), B.double(), 128, None)
