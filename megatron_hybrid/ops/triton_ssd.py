@@ -82,6 +82,15 @@ def unsupported_reason(
 if triton is not None:
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """``tl.dot`` with float32 accumulation; IEEE float32 products for float32 inputs (else TF32 on GPUs)."""
+        if IEEE:
+            out = tl.dot(a, b, input_precision="ieee")
+        else:
+            out = tl.dot(a, b)
+        return out
+
+    @triton.jit
     def _rows(base, pos, valid, stride_l, cols, ncols):
         """The [positions, columns] tile at ``base + pos * stride_l + col`` (columns contiguous), 0 where masked.
         Offsets in int64: a position times the row stride of the conv output passes 2**31 beyond ~200K tokens."""
@@ -163,10 +172,7 @@ if triton is not None:
             x = _rows(X + b * stride_xb + hh * stride_xh, pos, valid, stride_xl, offs_p, P)
             bm = _rows(B + b * stride_bb + g * stride_bg, pos, valid, stride_bl, offs_n, N)
             xs = (x.to(tl.float32) * scale[:, None]).to(X.dtype.element_ty)
-            if IEEE:
-                acc += tl.dot(tl.trans(xs), bm, input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(xs), bm)
+            acc += _dot(tl.trans(xs), bm, IEEE)
         out = STATES + ((b * tl.num_programs(0) + pid_c) * nheads + hh) * (P * N)
         tl.store(out + offs_p[:, None] * N + offs_n[None, :], acc,
                  mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
@@ -237,10 +243,7 @@ if triton is not None:
             seg_prev = tl.load(SEG + b * stride_segb + tl.maximum(start - 1, 0))
             seg_prev = tl.where(pid_c > 0, seg_prev, 0)
             scale_t = tl.where(seg_t == seg_prev, scale_t, 0.0)
-        if IEEE:
-            acc = tl.dot(c_t, h, input_precision="ieee") * scale_t[:, None]
-        else:
-            acc = tl.dot(c_t, h) * scale_t[:, None]
+        acc = _dot(c_t, h, IEEE) * scale_t[:, None]
 
         # Within the chunk, blocks of source tokens up to the diagonal.
         for s0 in range(0, (pid_t + 1) * BLOCK, BLOCK):
@@ -251,20 +254,14 @@ if triton is not None:
             x_s = _rows(X + b * stride_xb + hh * stride_xh, pos_s, valid_s, stride_xl, offs_p, P)
             a_s = tl.load(ACS + row + offs_s)
             dt_s = tl.load(DTP + row + offs_s)
-            if IEEE:
-                cb = tl.dot(c_t, b_s, input_precision="ieee")
-            else:
-                cb = tl.dot(c_t, b_s)
+            cb = _dot(c_t, b_s, IEEE)
             keep = offs_t[:, None] >= offs_s[None, :]
             if HAS_SEG:
                 seg_s = tl.load(SEG + b * stride_segb + pos_s, mask=valid_s, other=-2)
                 keep = keep & (seg_t[:, None] == seg_s[None, :])
             decay = tl.exp(tl.where(keep, a_t[:, None] - a_s[None, :], float("-inf")))
             m = (cb * decay * dt_s[None, :]).to(X.dtype.element_ty)
-            if IEEE:
-                acc += tl.dot(m, x_s, input_precision="ieee")
-            else:
-                acc += tl.dot(m, x_s)
+            acc += _dot(m, x_s, IEEE)
 
         x_t = _rows(X + b * stride_xb + hh * stride_xh, pos_t, valid_t, stride_xl, offs_p, P)
         if HAS_D:
@@ -307,10 +304,7 @@ if triton is not None:
             dy = _rows_t(DY + b * stride_dyb + hh * stride_dyh, pos, valid, stride_dyl, offs_p, P)  # dy^T [p, t]
             c = _rows(C + b * stride_cb + g * stride_cg, pos, valid, stride_cl, offs_n, N)
             cs = (c.to(tl.float32) * scale[:, None]).to(C.dtype.element_ty)
-            if IEEE:
-                acc += tl.dot(dy, cs, input_precision="ieee")
-            else:
-                acc += tl.dot(dy, cs)
+            acc += _dot(dy, cs, IEEE)
         out = DSY + ((b * nchunks + pid_c) * nheads + hh) * (P * N)
         tl.store(out + offs_p[:, None] * N + offs_n[None, :], acc,
                  mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
@@ -397,12 +391,8 @@ if triton is not None:
             e_s = tl.exp(a_last - a_s)
             if HAS_SEG:
                 e_s = tl.where(seg_s == seg_last, e_s, 0.0)
-            if IEEE:
-                bdl = tl.dot(b_s, tl.trans(dl), input_precision="ieee")  # [s, p] = B_s dL^T
-                xdl = tl.dot(x_s, dl, input_precision="ieee")  # [s, n]
-            else:
-                bdl = tl.dot(b_s, tl.trans(dl))
-                xdl = tl.dot(x_s, dl)
+            bdl = _dot(b_s, tl.trans(dl), IEEE)  # [s, p] = B_s dL^T
+            xdl = _dot(x_s, dl, IEEE)  # [s, n]
             dxu = bdl * e_s[:, None]
             db_acc += xdl * (dt_s * e_s)[:, None]
             through_state = dt_s * tl.sum(x_s.to(tl.float32) * dxu, 1)
@@ -421,20 +411,12 @@ if triton is not None:
                     seg_t = tl.load(SEG + b * stride_segb + pos_t, mask=valid_t, other=-2)
                     keep = keep & (seg_t[None, :] == seg_s[:, None])
                 decay = tl.exp(tl.where(keep, a_t[None, :] - a_s[:, None], float("-inf")))  # [s, t]
-                if IEEE:
-                    cb = tl.dot(b_s, tl.trans(c_t), input_precision="ieee")  # [s, t] = B_s . C_t
-                    w = tl.dot(x_s, tl.trans(dy_t), input_precision="ieee")  # [s, t] = x_s . dy_t
-                else:
-                    cb = tl.dot(b_s, tl.trans(c_t))
-                    w = tl.dot(x_s, tl.trans(dy_t))
+                cb = _dot(b_s, tl.trans(c_t), IEEE)  # [s, t] = B_s . C_t
+                w = _dot(x_s, tl.trans(dy_t), IEEE)  # [s, t] = x_s . dy_t
                 m = cb * decay
                 wd = w * decay * dt_s[:, None]
-                if IEEE:
-                    dxu += tl.dot(m.to(X.dtype.element_ty), dy_t, input_precision="ieee")
-                    db_acc += tl.dot(wd.to(X.dtype.element_ty), c_t, input_precision="ieee")
-                else:
-                    dxu += tl.dot(m.to(X.dtype.element_ty), dy_t)
-                    db_acc += tl.dot(wd.to(X.dtype.element_ty), c_t)
+                dxu += _dot(m.to(X.dtype.element_ty), dy_t, IEEE)
+                db_acc += _dot(wd.to(X.dtype.element_ty), c_t, IEEE)
                 pair = wd * cb  # d/da_t of the pair's term, and minus its d/da_s
                 da_s -= tl.sum(pair, 1)
                 tl.atomic_add(DA + row + offs_t, tl.sum(pair, 0), mask=valid_t)
@@ -494,10 +476,7 @@ if triton is not None:
             scale = tl.exp(a_t)
             if HAS_SEG:
                 scale = tl.where(seg_t == seg_prev, scale, 0.0)
-            if IEEE:
-                carried = tl.dot(dy_t, h, input_precision="ieee") * scale[:, None]  # [t, n]
-            else:
-                carried = tl.dot(dy_t, h) * scale[:, None]
+            carried = _dot(dy_t, h, IEEE) * scale[:, None]  # [t, n]
             dc_acc += carried
             tl.atomic_add(DA + row + offs_t, tl.sum(carried * c_t, 1), mask=valid_t)
             for s0 in range(0, (pid_t + 1) * BLOCK, BLOCK):
@@ -513,15 +492,9 @@ if triton is not None:
                     seg_s = tl.load(SEG + b * stride_segb + pos_s, mask=valid_s, other=-2)
                     keep = keep & (seg_t[:, None] == seg_s[None, :])
                 decay = tl.exp(tl.where(keep, a_t[:, None] - a_s[None, :], float("-inf")))
-                if IEEE:
-                    w = tl.dot(dy_t, x_s, input_precision="ieee")  # [t, s]
-                else:
-                    w = tl.dot(dy_t, x_s)
+                w = _dot(dy_t, x_s, IEEE)  # [t, s]
                 wd = (w * decay * dt_s[None, :]).to(X.dtype.element_ty)
-                if IEEE:
-                    dc_acc += tl.dot(wd, b_s, input_precision="ieee")
-                else:
-                    dc_acc += tl.dot(wd, b_s)
+                dc_acc += _dot(wd, b_s, IEEE)
         tl.store(DC + b * stride_dcb + pos_t.to(tl.int64)[:, None] * stride_dcl + g * stride_dcg + offs_n[None, :],
                  dc_acc.to(DC.dtype.element_ty), mask=valid_t[:, None] & (offs_n[None, :] < N))
 
