@@ -705,8 +705,8 @@ def ssd_chunk_scan_triton(
     ``segments``: int32 [b, l] monotone segment ids (``_common.segment_ids``), or None. Shapes are checked by the
     caller (``ops.backend.ssd_chunk_scan``); ``unsupported_reason`` must be None for these arguments.
     """
-    if x.stride(-1) != 1 or B.stride(-1) != 1 or C.stride(-1) != 1:
-        raise ValueError("ssd_chunk_scan_triton: x, B and C need a contiguous last dimension")
+    # The kernels read headdim and d_state rows as contiguous vectors (any other strides are fine).
+    x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
     if segments is not None:
         segments = segments.to(torch.int32).contiguous()
     return _TritonChunkScan.apply(x, dt, A, B, C, D, dt_bias, segments, initial_states, int(chunk_size),

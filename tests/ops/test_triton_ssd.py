@@ -167,6 +167,20 @@ def test_final_state_only_gradient(tssd):
         assert err <= 2e-5 or ref.norm() == 0, f"{k}: {err:.2e}"
 
 
+@needs_interpreter
+def test_inputs_with_a_strided_last_dimension(tssd):
+    """x with a strided headdim (a transposed view): copied to a contiguous last dimension, same results."""
+    t, _ = _inputs(1, 40, 2, 1, 16, 16, D=True, bias=True, init=False, seed=4)
+    x_strided = t["x"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert x_strided.stride(-1) != 1
+    args = (t["dt"], t["A"], t["B"], t["C"], 16)
+    kwargs = dict(D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True)
+    y, final = tssd.ssd_chunk_scan_triton(x_strided, *args, **kwargs)
+    y_ref, final_ref = tssd.ssd_chunk_scan_triton(t["x"].contiguous(), *args, **kwargs)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(final, final_ref, rtol=0, atol=0)
+
+
 def test_unsupported_arguments_are_named():
     from megatron_hybrid.ops.triton_ssd import unsupported_reason
 
