@@ -192,8 +192,9 @@ def main() -> None:
             run["hf_cpu_time_tokens_per_s"] = tokens / median(hf_cpu)
             run["speedup"] = run["ours_tokens_per_s"] / run["hf_tokens_per_s"]
             run["speedup_cpu_time"] = run["ours_cpu_time_tokens_per_s"] / run["hf_cpu_time_tokens_per_s"]
-            # Informational: HF's decode step skips the dt clamp its prefill applies (time_step_min), so greedy
-            # tokens may drift apart at this config; the exact-parity test uses a negligible clamp.
+            # Informational: HF's decode step skips the dt clamp its prefill applies (time_step_limit; up to
+            # transformers 5.23 time_step_min), so greedy tokens may drift apart where that clamp bites; the
+            # exact-parity test uses a negligible clamp.
             run["greedy_tokens_equal_hf_fraction"] = (torch.tensor(ours_tokens) == hf_tokens).float().mean().item()
         if args.breakdown:
             run["breakdown"] = step_breakdown(ours, prompts)
