@@ -1,6 +1,7 @@
 """What megatron_hybrid's own Triton modules (``triton_decode``, ``triton_add_norm``, ``triton_attention``,
-``triton_gemv``, ``triton_fused_gemv``, ``triton_argmax``) share: the guarded import of triton, rounding a float32
-value to a storage dtype inside a kernel, and programmatic dependent launch (PDL).
+``triton_gemv``, ``triton_fused_gemv``, ``triton_argmax``, ``triton_ssd``) share: the guarded import of triton,
+rounding a float32 value to a storage dtype inside a kernel, the softplus of Mamba's time step, and programmatic
+dependent launch (PDL).
 
 PDL (Hopper and later): a kernel launched with it may start while the kernel before it in the stream is still running,
 once every program of that one has signalled (``gdc_launch_dependents``); it must wait (``gdc_wait``: the previous
@@ -45,6 +46,15 @@ if triton is not None:
         elif KIND == 2:
             x = x.to(tl.float16).to(tl.float32)
         return x
+
+    @triton.jit
+    def softplus(x):
+        """``torch.nn.functional.softplus`` (threshold 20: x above it) in float32, ``log(1 + exp(x))`` accurate for
+        tiny ``exp(x)`` (Goldberg's trick: ``u - 1`` is the exact part of ``exp(x)`` that survived the rounding of
+        ``u = 1 + exp(x)``; libdevice's log1p is not available in the interpreter)."""
+        e = tl.exp(x)
+        u = 1.0 + e
+        return tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
 
 
 PDL_ENV_VAR = "MEGATRON_HYBRID_PDL"  # "0" turns programmatic dependent launch off (benchmarks compare)

@@ -57,20 +57,12 @@ from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, launch_option
 STATE_TILE_ELEMENTS = 1024
 SSM_WARPS = 4
 NORM_WARPS = 4
-SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it softplus(x) = x
 
 
 if triton is not None:
-    from megatron_hybrid.ops._triton_common import let_next_kernel_launch_early, wait_for_previous_kernel
+    from megatron_hybrid.ops._triton_common import let_next_kernel_launch_early, softplus, wait_for_previous_kernel
     from megatron_hybrid.ops._triton_common import round_to_storage as _round
 
-
-    @triton.jit
-    def _log1p(e):
-        # log(1 + e) accurate for tiny e (Goldberg's trick; libdevice's log1p is not available in the interpreter):
-        # u - 1 is the exact part of e that survived the rounding of 1 + e.
-        u = 1.0 + e
-        return tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
 
     @triton.jit
     def _conv_silu(
@@ -150,7 +142,7 @@ if triton is not None:
         HEADDIM: tl.constexpr, DSTATE: tl.constexpr, D_INNER: tl.constexpr, GN: tl.constexpr,
         HEADS_PER_GROUP: tl.constexpr, STATE_LEN: tl.constexpr, KW: tl.constexpr,
         HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-        DT_CLAMP: tl.constexpr, SOFTPLUS_THRESHOLD: tl.constexpr,
+        DT_CLAMP: tl.constexpr,
         ACT_ROUND: tl.constexpr, Y_ROUND: tl.constexpr, STATE_ROUND: tl.constexpr, CS_ROUND: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KW_PAD: tl.constexpr, SL_PAD: tl.constexpr,
         SHIFT_BC: tl.constexpr, PROGRAMS_PER_GROUP: tl.constexpr, USE_PDL: tl.constexpr,
@@ -204,7 +196,7 @@ if triton is not None:
                                stride_w_c, stride_w_k, D_INNER, STATE_LEN, KW, KW_PAD, HAS_CONV_BIAS), ACT_ROUND)
 
         if DT_SOFTPLUS:
-            dt = tl.where(dt > SOFTPLUS_THRESHOLD, dt, _log1p(tl.exp(dt)))
+            dt = softplus(dt)
         if DT_CLAMP:
             dt = tl.minimum(tl.maximum(dt, dt_low), dt_high)
         dA = tl.exp(dt * A)
@@ -379,7 +371,7 @@ def mamba_decode_step_triton(
         HEADDIM=headdim, DSTATE=dstate, D_INNER=d_inner, GN=gn2 // 2, HEADS_PER_GROUP=nheads // ngroups,
         STATE_LEN=state_len, KW=kw,
         HAS_CONV_BIAS=conv_bias is not None, HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None,
-        DT_SOFTPLUS=dt_softplus, DT_CLAMP=dt_clamp, SOFTPLUS_THRESHOLD=SOFTPLUS_THRESHOLD,
+        DT_SOFTPLUS=dt_softplus, DT_CLAMP=dt_clamp,
         ACT_ROUND=act_round, Y_ROUND=_round_kind(y.dtype), STATE_ROUND=_round_kind(ssm_state.dtype),
         CS_ROUND=cs_round,
         BLOCK_P=block_p, BLOCK_N=block_n, KW_PAD=kw_pad, SL_PAD=sl_pad,

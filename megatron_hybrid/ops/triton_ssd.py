@@ -42,6 +42,9 @@ import torch
 
 from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, tl, triton
 
+if triton is not None:
+    from megatron_hybrid.ops._triton_common import softplus
+
 __all__ = ["UNAVAILABLE_REASON", "ssd_chunk_scan_triton", "unsupported_reason"]
 
 # Token block of the scan kernels (rows of the [block, block] score tiles); min(chunk_size, BLOCK_T) is used. Module
@@ -106,15 +109,16 @@ if triton is not None:
     @triton.jit
     def _processed_dt(DT, DT_BIAS, dt_base, pos, valid, stride_dtl, hh,
                       dt_min, dt_max, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        """Raw dt at ``pos`` (+ bias) and the processed dt (softplus with threshold 20, clamp; 0 where not valid)."""
+        """Raw dt at ``pos`` (+ bias), it after the softplus (before the clamp), and the processed dt (clamped; 0 where
+        not valid)."""
         raw = tl.load(DT + dt_base + pos.to(tl.int64) * stride_dtl, mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += tl.load(DT_BIAS + hh).to(tl.float32)
-        dt = raw
+        unclamped = raw
         if SOFTPLUS:
-            dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
-        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-        return raw, tl.where(valid, dt, 0.0)
+            unclamped = softplus(raw)
+        dt = tl.minimum(tl.maximum(unclamped, dt_min), dt_max)
+        return raw, unclamped, tl.where(valid, dt, 0.0)
 
     @triton.jit
     def _chunk_state_fwd(
@@ -144,7 +148,7 @@ if triton is not None:
         for t0 in range(0, Q, BLOCK):
             offs = t0 + tl.arange(0, BLOCK)
             pos = start + offs
-            _, dt = _processed_dt(DT, DT_BIAS, dt_base, pos, pos < seqlen, stride_dtl, hh, dt_min, dt_max,
+            _, _, dt = _processed_dt(DT, DT_BIAS, dt_base, pos, pos < seqlen, stride_dtl, hh, dt_min, dt_max,
                                   HAS_BIAS, SOFTPLUS)
             a = a_last + tl.cumsum(dt * A_h, 0)
             tl.store(DTP + row + offs, dt)
@@ -161,7 +165,7 @@ if triton is not None:
             offs = t0 + tl.arange(0, BLOCK)
             pos = start + offs
             valid = pos < seqlen
-            _, dt = _processed_dt(DT, DT_BIAS, dt_base, pos, valid, stride_dtl, hh, dt_min, dt_max,
+            _, _, dt = _processed_dt(DT, DT_BIAS, dt_base, pos, valid, stride_dtl, hh, dt_min, dt_max,
                                   HAS_BIAS, SOFTPLUS)
             a = a_run + tl.cumsum(dt * A_h, 0)
             a_run += tl.sum(dt * A_h, 0)
@@ -523,15 +527,11 @@ if triton is not None:
         dt = tl.load(DTP + row + offs)
         A_h = tl.load(A + hh).to(tl.float32)
         grad = tl.load(DDT + row + offs) + d_dta * A_h
-        raw, _ = _processed_dt(DT, DT_BIAS, b * stride_dtb + hh * stride_dth, pos, valid, stride_dtl, hh,
-                               dt_min, dt_max, HAS_BIAS, SOFTPLUS)
-        soft = raw
+        raw, unclamped, _ = _processed_dt(DT, DT_BIAS, b * stride_dtb + hh * stride_dth, pos, valid, stride_dtl, hh,
+                                          dt_min, dt_max, HAS_BIAS, SOFTPLUS)
+        grad = tl.where((unclamped >= dt_min) & (unclamped <= dt_max), grad, 0.0)  # the clamp's gradient
         if SOFTPLUS:
-            soft = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
-            grad = tl.where((soft >= dt_min) & (soft <= dt_max), grad, 0.0)
-            grad = tl.where(raw <= 20.0, grad * tl.sigmoid(raw), grad)
-        else:
-            grad = tl.where((soft >= dt_min) & (soft <= dt_max), grad, 0.0)
+            grad = tl.where(raw > 20.0, grad, grad * tl.sigmoid(raw))
         grad = tl.where(valid, grad, 0.0)
         tl.store(DDT_RAW + b * stride_ddb + pos.to(tl.int64) * stride_ddl + hh * stride_ddh,
                  grad.to(DDT_RAW.dtype.element_ty), mask=valid)
