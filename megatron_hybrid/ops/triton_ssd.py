@@ -107,6 +107,17 @@ if triton is not None:
                        mask=valid[None, :] & (cols[:, None] < ncols), other=0.0)
 
     @triton.jit
+    def _segment_before(seg_row, start):
+        """Segment of the token before position ``start``: the one the state entering there belongs to (0 before the
+        sequence, mamba_ssm's rule)."""
+        return tl.where(start > 0, tl.load(seg_row + tl.maximum(start - 1, 0)), 0)
+
+    @triton.jit
+    def _segment_of_last(seg_row, start, Q, seqlen):
+        """Segment of the last token of the chunk that starts at ``start``: the one its outgoing state belongs to."""
+        return tl.load(seg_row + tl.minimum(start + Q, seqlen) - 1)
+
+    @triton.jit
     def _processed_dt(DT, DT_BIAS, dt_base, pos, valid, stride_dtl, hh,
                       dt_min, dt_max, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         """Raw dt at ``pos`` (+ bias), it after the softplus (before the clamp), and the processed dt (clamped; 0 where
@@ -149,7 +160,7 @@ if triton is not None:
             offs = t0 + tl.arange(0, BLOCK)
             pos = start + offs
             _, _, dt = _processed_dt(DT, DT_BIAS, dt_base, pos, pos < seqlen, stride_dtl, hh, dt_min, dt_max,
-                                  HAS_BIAS, SOFTPLUS)
+                                     HAS_BIAS, SOFTPLUS)
             a = a_last + tl.cumsum(dt * A_h, 0)
             tl.store(DTP + row + offs, dt)
             tl.store(ACS + row + offs, a)
@@ -157,8 +168,7 @@ if triton is not None:
 
         # Pass 2: L_c = sum_s exp(a_last - a_s) dt_s x_s B_s^T over the tokens of the last token's segment.
         if HAS_SEG:
-            last = tl.minimum(start + Q, seqlen) - 1
-            seg_last = tl.load(SEG + b * stride_segb + last)
+            seg_last = _segment_of_last(SEG + b * stride_segb, start, Q, seqlen)
         acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         a_run = 0.0
         for t0 in range(0, Q, BLOCK):
@@ -204,7 +214,7 @@ if triton is not None:
             tl.store(H + slot + offs, running.to(H.dtype.element_ty), mask=mask)
             alpha = tl.exp(tl.load(ACS + pid_bh.to(tl.int64) * padded_len + c * Q + Q - 1))
             if HAS_SEG:
-                seg_last = tl.load(SEG + b * stride_segb + tl.minimum(c * Q + Q, seqlen) - 1)
+                seg_last = _segment_of_last(SEG + b * stride_segb, c * Q, Q, seqlen)
                 alpha = tl.where(seg_last == seg_prev, alpha, 0.0)
                 seg_prev = seg_last
             running = alpha * running + tl.load(STATES + slot + offs, mask=mask, other=0.0)
@@ -244,9 +254,7 @@ if triton is not None:
                     mask=(offs_p[None, :] < P) & (offs_n[:, None] < N), other=0.0)  # H_c^T [n, p]
         scale_t = tl.exp(a_t)
         if HAS_SEG:
-            seg_prev = tl.load(SEG + b * stride_segb + tl.maximum(start - 1, 0))
-            seg_prev = tl.where(pid_c > 0, seg_prev, 0)
-            scale_t = tl.where(seg_t == seg_prev, scale_t, 0.0)
+            scale_t = tl.where(seg_t == _segment_before(SEG + b * stride_segb, start), scale_t, 0.0)
         acc = _dot(c_t, h, IEEE) * scale_t[:, None]
 
         # Within the chunk, blocks of source tokens up to the diagonal.
@@ -294,8 +302,7 @@ if triton is not None:
         offs_p = tl.arange(0, BLOCK_P)
         offs_n = tl.arange(0, BLOCK_N)
         if HAS_SEG:
-            seg_prev = tl.load(SEG + b * stride_segb + tl.maximum(start - 1, 0))
-            seg_prev = tl.where(pid_c > 0, seg_prev, 0)
+            seg_prev = _segment_before(SEG + b * stride_segb, start)
         acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         for t0 in range(0, Q, BLOCK):
             offs = t0 + tl.arange(0, BLOCK)
@@ -339,10 +346,9 @@ if triton is not None:
             last = pid_bh.to(tl.int64) * padded_len + c * Q + Q - 1
             alpha = tl.exp(tl.load(ACS + last))
             if HAS_SEG:
-                seg_last = tl.load(SEG + b * stride_segb + tl.minimum(c * Q + Q, seqlen) - 1)
-                seg_before = tl.load(SEG + b * stride_segb + tl.maximum(c * Q - 1, 0))
-                seg_before = tl.where(c > 0, seg_before, 0)
-                alpha = tl.where(seg_last == seg_before, alpha, 0.0)
+                seg_row = SEG + b * stride_segb
+                same = _segment_of_last(seg_row, c * Q, Q, seqlen) == _segment_before(seg_row, c * Q)
+                alpha = tl.where(same, alpha, 0.0)
             h = tl.load(H + slot + offs, mask=mask, other=0.0).to(tl.float32)
             tl.atomic_add(DA + last, tl.sum(running * h, 0) * alpha)
             running = tl.load(DSY + slot + offs, mask=mask, other=0.0) + alpha * running
@@ -379,7 +385,7 @@ if triton is not None:
         b_s = _rows(B + b * stride_bb + g * stride_bg, pos_s, valid_s, stride_bl, offs_n, N)
         if HAS_SEG:
             seg_s = tl.load(SEG + b * stride_segb + pos_s, mask=valid_s, other=-1)
-            seg_last = tl.load(SEG + b * stride_segb + tl.minimum(start + Q, seqlen) - 1)
+            seg_last = _segment_of_last(SEG + b * stride_segb, start, Q, seqlen)
         db_acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
         for hi in range(heads_per_group):
             hh = g * heads_per_group + hi
@@ -466,8 +472,7 @@ if triton is not None:
         c_t = _rows(C + b * stride_cb + g * stride_cg, pos_t, valid_t, stride_cl, offs_n, N).to(tl.float32)
         if HAS_SEG:
             seg_t = tl.load(SEG + b * stride_segb + pos_t, mask=valid_t, other=-1)
-            seg_prev = tl.load(SEG + b * stride_segb + tl.maximum(start - 1, 0))
-            seg_prev = tl.where(pid_c > 0, seg_prev, 0)
+            seg_prev = _segment_before(SEG + b * stride_segb, start)
         dc_acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
         for hi in range(heads_per_group):
             hh = g * heads_per_group + hi
