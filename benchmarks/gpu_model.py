@@ -256,6 +256,7 @@ def gpu_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     torch.cuda.synchronize()
     return round(start.elapsed_time(end) / iters, 4)
 
+
 def _ssd_inputs(batch: int, seqlen: int, h: int = 32, p: int = 64, g: int = 8, n: int = 128, seed: int = 0):
     """The mixer's scan inputs at init-like scales: x, B, C strided views into one conv output, dt raw (bf16) with the
     mixer's dt_bias init (dt in [1e-3, 0.1]), A in -[1, 16], D = 1."""
@@ -271,7 +272,6 @@ def _ssd_inputs(batch: int, seqlen: int, h: int = 32, p: int = 64, g: int = 8, n
 def _ssd_call(kernel: str, leaves, dims, seq_idx=None, chunk: int = 128):
     xbc, dt, A, D, dt_bias = leaves
     h, p, g, n = dims
-    b, l = xbc.shape[:2]
     x = xbc[..., :h * p].unflatten(-1, (h, p))
     B = xbc[..., h * p:h * p + g * n].unflatten(-1, (g, n))
     C = xbc[..., h * p + g * n:].unflatten(-1, (g, n))
