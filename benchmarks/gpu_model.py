@@ -44,7 +44,7 @@ from megatron_hybrid.config import HybridConfig  # noqa: E402
 from megatron_hybrid.layers.hybrid_layers import MambaLayer  # noqa: E402
 from megatron_hybrid.models.mamba_model import MambaModel  # noqa: E402
 from megatron_hybrid.ops._common import segment_ids  # noqa: E402
-from megatron_hybrid.ops.backend import SSD_KERNEL_ENV_VAR, SSD_KERNELS  # noqa: E402
+from megatron_hybrid.ops.backend import SSD_KERNEL_ENV_VAR  # noqa: E402
 from megatron_hybrid.ops.mamba_ssm_loader import load_mamba_ssm_kernels  # noqa: E402
 from megatron_hybrid.ops.ssd import ssd_chunk_scan_ref  # noqa: E402
 from megatron_hybrid.ops.triton_ssd import ssd_chunk_scan_triton  # noqa: E402
@@ -130,20 +130,25 @@ def mamba_layer_overhead(batch: int = 4, seqlen: int = 4096) -> dict:
         own_scan().backward(torch.ones_like(x))
 
     out = {}
-    for kernel in SSD_KERNELS:  # the layer with our scan, then with mamba_ssm's
+    # The layer as it trains (the fused span, ops.triton_mamba_span), then composed of separate ops with our scan
+    # and with mamba_ssm's.
+    variants = {"fused span": (True, "own"), "own scan": (False, "own"), "mamba_ssm scan": (False, "mamba_ssm")}
+    for name, (fused, kernel) in variants.items():
+        layer.mixer.fused_span = fused
         os.environ[SSD_KERNEL_ENV_VAR] = kernel
-        out[f"layer_fwd_ms[{kernel} scan]"] = timed(layer_fwd)
-        out[f"layer_fwd_bwd_ms[{kernel} scan]"] = timed(layer_fwd_bwd)
+        out[f"layer_fwd_ms[{name}]"] = timed(layer_fwd)
+        out[f"layer_fwd_bwd_ms[{name}]"] = timed(layer_fwd_bwd)
+    layer.mixer.fused_span = True
     os.environ.pop(SSD_KERNEL_ENV_VAR)
     out["bare_scan_fwd_ms"] = timed(scan)
     out["bare_scan_fwd_bwd_ms"] = timed(scan_fwd_bwd)
     out["own_bare_scan_fwd_ms"] = timed(own_scan)
     out["own_bare_scan_fwd_bwd_ms"] = timed(own_scan_fwd_bwd)
-    for kernel in SSD_KERNELS:
-        out[f"overhead_fwd_bwd_pct[{kernel} scan layer vs mamba_ssm bare scan]"] = round(
-            100 * (out[f"layer_fwd_bwd_ms[{kernel} scan]"] / out["bare_scan_fwd_bwd_ms"] - 1), 1)
-    out["overhead_fwd_bwd_pct[own scan layer vs own bare scan]"] = round(
-        100 * (out["layer_fwd_bwd_ms[own scan]"] / out["own_bare_scan_fwd_bwd_ms"] - 1), 1)
+    for name in variants:
+        out[f"overhead_fwd_bwd_pct[{name} layer vs mamba_ssm bare scan]"] = round(
+            100 * (out[f"layer_fwd_bwd_ms[{name}]"] / out["bare_scan_fwd_bwd_ms"] - 1), 1)
+    out["overhead_fwd_bwd_pct[fused span layer vs own bare scan]"] = round(
+        100 * (out["layer_fwd_bwd_ms[fused span]"] / out["own_bare_scan_fwd_bwd_ms"] - 1), 1)
     # Where the rest goes: the two projections alone (their FLOPs are fixed by the model shape).
     w_in = layer.mixer.in_proj.weight
     w_out = layer.mixer.out_proj.weight
@@ -176,9 +181,12 @@ def model_parity() -> dict:
     model = MambaModel(config).cuda()
     ids = torch.randint(0, config.vocab_size, (2, 1000), device="cuda")
     results = {}
-    for name, backend, dtype in (("triton", "triton", torch.bfloat16), ("torch", "torch", torch.bfloat16),
-                                 ("fp32", "torch", None)):
+    mixers = [m for m in model.modules() if hasattr(m, "fused_span")]
+    for name, backend, dtype in (("triton", "triton", torch.bfloat16), ("triton_composed", "triton", torch.bfloat16),
+                                 ("torch", "torch", torch.bfloat16), ("fp32", "torch", None)):
         os.environ["MEGATRON_HYBRID_KERNELS"] = backend
+        for mixer in mixers:  # the fused span (ops.triton_mamba_span), or the same kernels as separate ops
+            mixer.fused_span = name != "triton_composed"
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None):
             loss = model(ids, labels=ids).mean()
@@ -196,7 +204,8 @@ def model_parity() -> dict:
 
     return {"loss_fast": results["triton"][0].item(), "loss_ref": results["torch"][0].item(),
             "loss_fp32": results["fp32"][0].item(), "fast_vs_bf16_ref": compare("triton", "torch"),
-            "fast_vs_fp32": compare("triton", "fp32"), "bf16_ref_vs_fp32": compare("torch", "fp32")}
+            "fast_vs_fp32": compare("triton", "fp32"), "composed_fast_vs_fp32": compare("triton_composed", "fp32"),
+            "bf16_ref_vs_fp32": compare("torch", "fp32")}
 
 
 def model_flops_per_token(config: HybridConfig, seqlen: int) -> float:
@@ -527,7 +536,7 @@ def _kernel_table(prof, iters: int, top: int) -> dict:
     categories = (
         ("ssd scan", ("_chunk_", "_state_passing", "_bmm_chunk", "chunk_scan", "chunk_state", "_dt_bwd")),
         ("conv1d (ours)", ("_conv1d_",)),
-        ("gated/rms norm", ("_layer_norm", "rms", "_rms_")),
+        ("gated/rms norm", ("_layer_norm", "_group_norm", "rms", "_rms_")),
         ("matmul", ("gemm", "sm90", "nvjet", "cutlass", "xmma", "matmul", "_mm_")),
         ("cat / copy", ("CatArray", "copy", "Copy")),
         ("reduce (partial sums etc.)", ("reduce", "Reduce")),

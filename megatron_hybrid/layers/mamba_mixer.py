@@ -23,6 +23,7 @@ from megatron_hybrid.ops import (
     causal_conv1d_update,
     gated_rms_norm,
     mamba_decode_fused,
+    mamba_span,
     ssd_chunk_scan,
     ssm_state_update,
 )
@@ -153,8 +154,10 @@ class MambaMixer(nn.Module):
             param.no_weight_decay = True  # the recurrence's own dynamics are not regularised (as in Mamba)
 
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, config.norm_epsilon, groups, dtype)
-        # Decode through the fused Triton step where it applies (CUDA); False forces the unfused ops (benchmarks).
+        # Decode through the fused Triton step, and train through the fused span between the projections
+        # (``ops.mamba_span``), where they apply (CUDA); False forces the composed ops (benchmarks compare).
         self.fused_decode = True
+        self.fused_span = True
         self.out_proj = build_module(
             submodules.out_proj,
             self.d_inner,
@@ -202,14 +205,38 @@ class MambaMixer(nn.Module):
             conv_state, ssm_state = inference_context.mamba_states(self.layer_number)
             if inference_context.is_decode:
                 return self._decode_step(hidden_states, conv_state, ssm_state)
-        # Batch-first from the in_proj on: transposing the narrow [s, b, hidden] input is cheaper than working on
-        # [b, s, width] views of a sequence-first projection (their copies and concatenated gradients are 5x wider).
-        # Sequence parallelism gathers and scatters along dim 0, so there the projections stay sequence-first.
-        batch_first = not self.config.sequence_parallel
+        # The fused span reads and writes the [b, s, width] view of a sequence-first projection in place (its
+        # output and in_proj's gradient come back sequence-first), so there the projections need no transposes.
+        # Composed ops work batch-first from the in_proj on: transposing the narrow [s, b, hidden] input is cheaper
+        # than their copies and concatenated gradients of such views (5x wider). Sequence parallelism gathers and
+        # scatters along dim 0, so there the projections always stay sequence-first.
+        fused = self.fused_span and conv_state is None and hidden_states.is_cuda
+        batch_first = not (self.config.sequence_parallel or fused)
         if batch_first:
             zxbcdt = self.in_proj(hidden_states.transpose(0, 1))  # [b, s, local width]
         else:
             zxbcdt = self.in_proj(hidden_states).transpose(0, 1)
+        y = None
+        if fused:
+            y = mamba_span(
+                zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, -torch.exp(self.A_log.float()), self.D,
+                self.dt_bias, self.norm.weight, nheads=self.nheads_local, headdim=self.headdim,
+                ngroups=self.ngroups_local, d_state=self.d_state, chunk_size=self.chunk_size,
+                norm_group_size=self.norm.group_size, norm_eps=self.norm.eps, dt_limit=self.config.mamba_dt_limit,
+                seq_idx=seq_idx,
+            )
+        if y is None:
+            y = self._composed_span(zxbcdt, seq_idx, conv_state, ssm_state)
+        if batch_first:
+            return self.out_proj(y).transpose(0, 1)
+        return self.out_proj(y.transpose(0, 1))
+
+    def _composed_span(
+        self, zxbcdt: torch.Tensor, seq_idx: torch.Tensor | None, conv_state: torch.Tensor | None,
+        ssm_state: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Conv, scan and gated norm as separate ops: ``zxbcdt`` [b, s, local width] -> [b, s, d_inner_local];
+        with caches (a prefill) their final conv inputs and SSM state are stored."""
         batch, seqlen, _ = zxbcdt.shape
         group_width = self.ngroups_local * self.d_state
         z, xbc, dt = torch.split(
@@ -234,10 +261,7 @@ class MambaMixer(nn.Module):
         if ssm_state is not None:
             y, final_state = y
             ssm_state.copy_(final_state)
-        y = self.norm(y.reshape(batch, seqlen, self.d_inner_local), z)
-        if batch_first:
-            return self.out_proj(y).transpose(0, 1)
-        return self.out_proj(y.transpose(0, 1))
+        return self.norm(y.reshape(batch, seqlen, self.d_inner_local), z)
 
     def _decode_step(
         self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor

@@ -132,6 +132,13 @@ def _conv_kernels_wanted(op: str, backend: str, tensor: torch.Tensor) -> bool:
     return tensor.dtype in _KERNEL_DTYPES
 
 
+def _ssd_kernel_choice() -> str:
+    choice = os.environ.get(SSD_KERNEL_ENV_VAR, "").strip().lower() or "own"
+    if choice not in SSD_KERNELS:
+        raise ValueError(f"environment variable {SSD_KERNEL_ENV_VAR}={choice!r} must be one of {SSD_KERNELS}")
+    return choice
+
+
 def _own_ssd_kernel(
     backend: str, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int, D: torch.Tensor | None
 ) -> Callable | None:
@@ -140,10 +147,7 @@ def _own_ssd_kernel(
     missing (then mamba_ssm's kernels are next in line, so no warning here)."""
     if _cuda_kernel_mode("ssd_chunk_scan", backend, x) is None:
         return None
-    choice = os.environ.get(SSD_KERNEL_ENV_VAR, "").strip().lower() or "own"
-    if choice not in SSD_KERNELS:
-        raise ValueError(f"environment variable {SSD_KERNEL_ENV_VAR}={choice!r} must be one of {SSD_KERNELS}")
-    if choice == "mamba_ssm" or x.dim() != 4 or B.dim() != 4:
+    if _ssd_kernel_choice() == "mamba_ssm" or x.dim() != 4 or B.dim() != 4:
         return None
     try:
         kernel = load_own_triton(*_TRITON_SSD)
@@ -152,6 +156,62 @@ def _own_ssd_kernel(
     from megatron_hybrid.ops import triton_ssd  # loaded by load_own_triton
 
     return kernel if triton_ssd.unsupported_reason(x, B, C, chunk_size, D) is None else None
+
+
+_TRITON_SPAN = ("megatron_hybrid.ops.triton_mamba_span", "mamba_span_triton",
+                "the fused Triton Mamba span (ops.triton_mamba_span)")
+
+
+def mamba_span(
+    zxbcdt: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    *,
+    nheads: int,
+    headdim: int,
+    ngroups: int,
+    d_state: int,
+    chunk_size: int,
+    norm_group_size: int,
+    norm_eps: float,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    seq_idx: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | None:
+    """A Mamba-2 mixer's training span between its projections as one fused node, or None where it does not apply.
+
+    ``zxbcdt`` [b, l, d_inner + conv width + nheads] is ``in_proj``'s output ``[z, x, B, C, dt]``; returns
+    ``gated_rms_norm(ssd_chunk_scan(silu(conv(xBC)), softplus(dt + dt_bias) clamped), z)`` [b, l, d_inner] through
+    ``ops.triton_mamba_span`` (see there: the gradients land in one in_proj-output-shaped buffer, no concatenations).
+    None (the caller composes ``causal_conv1d_channel_last``, ``ssd_chunk_scan`` and ``gated_rms_norm``) off CUDA,
+    with backend / ``MEGATRON_HYBRID_KERNELS`` "torch", with ``MEGATRON_HYBRID_SSD_KERNEL=mamba_ssm``, without
+    triton, or for shapes our kernels do not cover; all of those are handled by the composed ops.
+    """
+    if _cuda_kernel_mode("mamba_span", backend, zxbcdt) is None or _ssd_kernel_choice() != "own":
+        return None
+    try:
+        kernel = load_own_triton(*_TRITON_SPAN)
+    except KernelUnavailableError:
+        return None
+    from megatron_hybrid.ops import triton_mamba_span  # loaded by load_own_triton
+
+    shape = triton_mamba_span.MambaSpanShape(
+        nheads=nheads, headdim=headdim, ngroups=ngroups, d_state=d_state, chunk_size=int(chunk_size),
+        norm_group_size=int(norm_group_size), norm_eps=float(norm_eps),
+        dt_limit=(float(dt_limit[0]), float(dt_limit[1])),
+    )
+    if triton_mamba_span.unsupported_reason(zxbcdt, conv_weight, D, shape) is not None:
+        return None
+    segments = None
+    if seq_idx is not None:
+        if seq_idx.shape != zxbcdt.shape[:2]:
+            raise ValueError(f"seq_idx must be {tuple(zxbcdt.shape[:2])}, got shape {tuple(seq_idx.shape)}")
+        segments = segment_ids(seq_idx).to(torch.int32).contiguous()
+    return kernel(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight, shape, segments)
 
 
 def ssd_chunk_scan(
@@ -448,6 +508,30 @@ def ssm_state_update(
     )
 
 
+_TRITON_NORM = ("megatron_hybrid.ops.triton_norm", "group_rms_norm_triton", "the Triton RMSNorm (ops.triton_norm)")
+
+
+def _own_norm_kernel(
+    op: str, backend: str, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, group_size: int
+) -> Callable | None:
+    """Our Triton (gated, grouped) RMSNorm for these arguments, or None for mamba_ssm's kernel / the reference (no
+    warning: those come next and warn themselves if they too are unavailable)."""
+    if _cuda_kernel_mode(op, backend, x) is None:
+        return None
+    width = x.shape[-1]
+    if (x.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES or weight.shape != (width,)
+            or (z is not None and (z.shape != x.shape or z.dtype != x.dtype or z.device != x.device))
+            or group_size <= 0 or width % group_size):
+        return None
+    try:
+        kernel = load_own_triton(*_TRITON_NORM)
+    except KernelUnavailableError:
+        return None
+    from megatron_hybrid.ops import triton_norm  # loaded by load_own_triton
+
+    return kernel if group_size <= triton_norm.MAX_GROUP else None
+
+
 def _norm_fits_kernel(x: torch.Tensor, group_size: int) -> bool:
     # layernorm_gated fuses one group per program and refuses groups wider than 64 KB.
     return group_size * x.element_size() <= 65536
@@ -474,8 +558,11 @@ def rms_norm(
     given residual's dtype), ``residual_in_fp32`` always makes the new stream float32, as ``_residual_add`` does.
     """
     if residual is None:
-        kernels = _mamba_kernels("rms_norm", backend, x)
-        if kernels is None or not _norm_fits_kernel(x, x.shape[-1]):
+        own = _own_norm_kernel("rms_norm", backend, x, None, weight, x.shape[-1])
+        kernels = None if own is not None else _mamba_kernels("rms_norm", backend, x)
+        if own is not None:
+            y = own(x, None, weight, eps)
+        elif kernels is None or not _norm_fits_kernel(x, x.shape[-1]):
             y = rms_norm_ref(x, weight, eps)
         else:
             y = kernels.rmsnorm_fn(x, weight, None, z=None, eps=eps, group_size=None, norm_before_gate=True)
@@ -516,9 +603,14 @@ def gated_rms_norm(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Grouped RMSNorm with SiLU gate: ``rmsnorm_groupwise(x * silu(z)) * weight`` (norm_before_gate=False) or
-    ``rmsnorm_groupwise(x) * weight * silu(z)``; semantics of mamba_ssm's ``rmsnorm_fn`` (see ``ops.norm``)."""
-    kernels = _mamba_kernels("gated_rms_norm", backend, x)
+    ``rmsnorm_groupwise(x) * weight * silu(z)``; semantics of mamba_ssm's ``rmsnorm_fn`` (see ``ops.norm``).
+    On CUDA: our Triton kernels (``ops.triton_norm``) for norm_before_gate=False, else mamba_ssm's."""
     size = x.shape[-1] if group_size is None else group_size
+    if not norm_before_gate:
+        own = _own_norm_kernel("gated_rms_norm", backend, x, z, weight, size)
+        if own is not None:
+            return own(x, z, weight, eps, size)
+    kernels = _mamba_kernels("gated_rms_norm", backend, x)
     if kernels is None or not _norm_fits_kernel(x, size):
         return gated_rms_norm_ref(x, z, weight, eps, group_size, norm_before_gate)
     return kernels.rmsnorm_fn(

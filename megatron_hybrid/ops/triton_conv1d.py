@@ -306,12 +306,14 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 def _conv_bwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, segments: torch.Tensor | None, silu: bool,
-    dout: torch.Tensor,
+    dout: torch.Tensor, dx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of ``x``, ``weight``, ``bias``. ``dout`` needs contiguous channels."""
+    """Gradients of ``x``, ``weight``, ``bias``. ``dout`` needs contiguous channels; ``dx``, if given, is the view
+    (contiguous channels) to write x's gradient into."""
     b, l, d = x.shape
     kw = weight.shape[1]
-    dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
+    if dx is None:
+        dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
     block_l = BWD_BLOCK_L
     n_tiles = triton.cdiv(l, block_l)
     tiles = max(1, min(n_tiles, BWD_ROWS_PER_PROGRAM // block_l))

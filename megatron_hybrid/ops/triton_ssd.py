@@ -604,7 +604,9 @@ def _forward(x, dt, A, B, C, D, dt_bias, seg, init, chunk_size, softplus, dt_lim
 
 
 def _backward(dy, dfinal, x, dt, A, B, C, D, dt_bias, seg, init, chunk_size, softplus, dt_limit, dtp, acs,
-              entering):
+              entering, out=None):
+    """The gradients; ``out`` = (dx, ddt, dB, dC) views to write into (the fused mixer span hands slices of one
+    buffer shaped like in_proj's output), else new tensors."""
     k = _dims(x, B, chunk_size)
     b, l, h, p, g, n, nc, Lp, Q = (k[key] for key in ("b", "l", "h", "p", "g", "n", "nc", "Lp", "Q"))
     dev = x.device
@@ -630,9 +632,10 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, dt_bias, seg, init, chunk_size, sof
         PN=p * n, Q=Q, BLOCK=PASSING_BLOCK, HAS_SEG=has_seg, HAS_DFINAL=dfinal is not None,
         HAS_INIT=init is not None, num_warps=WARPS["passing"],
     )
-    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
-    dB = torch.empty(b, l, g, n, device=dev, dtype=B.dtype)
-    dC = torch.empty(b, l, g, n, device=dev, dtype=C.dtype)
+    if out is None:
+        out = (torch.empty(b, l, h, p, device=dev, dtype=x.dtype), torch.empty(b, l, h, device=dev, dtype=dt.dtype),
+               torch.empty(b, l, g, n, device=dev, dtype=B.dtype), torch.empty(b, l, g, n, device=dev, dtype=C.dtype))
+    dx, ddt, dB, dC = out
     ddt_part = torch.empty(b * h, Lp, device=dev, dtype=torch.float32)
     n_sblocks = Q // k["block"]
     dd_part = torch.empty(b * h, nc, n_sblocks, device=dev, dtype=torch.float32) if D is not None else da
@@ -654,7 +657,6 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, dt_bias, seg, init, chunk_size, sof
         P=p, N=n, Q=Q, BLOCK_P=k["BLOCK_P"], BLOCK_N=k["BLOCK_N"], BLOCK=k["block"],
         HAS_SEG=has_seg, IEEE=ieee, num_warps=WARPS["dc"], num_stages=STAGES["dc"],
     )
-    ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     da_part = torch.empty(b, nc, h, device=dev, dtype=torch.float32)
     dbias_part = torch.empty(b, nc, h, device=dev, dtype=torch.float32) if dt_bias is not None else da_part
     _dt_bwd[(nc, b * h)](

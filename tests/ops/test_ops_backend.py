@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import subprocess
 import sys
 import types
@@ -167,6 +168,64 @@ def test_cuda_scan_routes_to_our_triton_scan_with_segments_and_the_gate(monkeypa
     monkeypatch.setenv(backend.SSD_KERNEL_ENV_VAR, "fastest")
     with pytest.raises(ValueError, match="MEGATRON_HYBRID_SSD_KERNEL='fastest'"):
         ops.ssd_chunk_scan(x, dt, A, B, C, 16)
+
+
+def test_cuda_norms_route_to_our_triton_norm(monkeypatch):
+    """On CUDA, RMSNorm and the gated norm (norm after gate) go to ops.triton_norm; norm_before_gate=True and groups
+    wider than its limit go to mamba_ssm's kernel."""
+    pytest.importorskip("triton", reason="ops.triton_norm imports triton")
+    from megatron_hybrid.ops import triton_norm
+
+    calls = []
+
+    def own(x, z, weight, eps, group_size=None):
+        calls.append((z is not None, group_size))
+        return "own"
+
+    monkeypatch.setattr(backend, "load_own_triton", lambda module, *args: own if module.endswith("triton_norm")
+                        else pytest.fail(f"{module} loaded"))
+    monkeypatch.setattr(backend, "_cuda_kernel_mode", lambda op, mode, tensor: "auto")
+    fake = MambaSsmKernels(mamba_chunk_scan_combined=None, selective_state_update=None,
+                           rmsnorm_fn=lambda *a, **k: "mamba_ssm", how="fake")
+    monkeypatch.setattr(backend, "load_mamba_ssm_kernels", lambda: fake)
+    x = torch.zeros(2, 3, 8)
+    assert ops.rms_norm(x, torch.ones(8), 1e-5) == "own"
+    assert ops.gated_rms_norm(x, x, torch.ones(8), 1e-5, group_size=4) == "own"
+    assert calls == [(False, None), (True, 4)]
+    assert ops.gated_rms_norm(x, x, torch.ones(8), 1e-5, group_size=4, norm_before_gate=True) == "mamba_ssm"
+    monkeypatch.setattr(triton_norm, "MAX_GROUP", 2)
+    assert ops.gated_rms_norm(x, x, torch.ones(8), 1e-5, group_size=4) == "mamba_ssm"
+
+
+def test_mixer_span_is_fused_only_on_cuda_for_shapes_it_covers(monkeypatch):
+    """``ops.mamba_span``: None off CUDA (the mixer composes the ops), an error when "triton" is forced there; on CUDA
+    our fused span with seq_idx as int32 segment ids, and None again for MEGATRON_HYBRID_SSD_KERNEL=mamba_ssm or a
+    shape the kernels do not cover."""
+    pytest.importorskip("triton", reason="ops.triton_mamba_span imports triton")
+    h, p, g, n = 2, 4, 1, 8
+    width = 2 * h * p + 2 * g * n + h
+    zxbcdt = torch.zeros(1, 5, width)
+    args = (zxbcdt, torch.zeros(h * p + 2 * g * n, 4), None, -torch.ones(h), torch.ones(h), None, torch.ones(h * p))
+    dims = dict(nheads=h, headdim=p, ngroups=g, d_state=n, chunk_size=16, norm_group_size=h * p, norm_eps=1e-5)
+    assert ops.mamba_span(*args, **dims) is None
+    with pytest.raises(KernelUnavailableError, match="mamba_span: backend 'triton' needs CUDA"):
+        ops.mamba_span(*args, **dims, backend="triton")
+    calls = {}
+
+    def fused(*fargs):
+        calls["shape"], calls["segments"] = fargs[-2], fargs[-1]
+        return "fused"
+
+    monkeypatch.setattr(backend, "load_own_triton", lambda *a: fused)
+    monkeypatch.setattr(backend, "_cuda_kernel_mode", lambda op, mode, tensor: "auto")
+    assert ops.mamba_span(*args, **dims, seq_idx=torch.tensor([[3, 3, 4, 4, 4]])) == "fused"
+    assert calls["segments"].dtype == torch.int32 and calls["segments"].tolist() == [[1, 1, 2, 2, 2]]
+    assert (calls["shape"].d_inner, calls["shape"].width, calls["shape"].dt_limit) == (h * p, width, (0.0, math.inf))
+    with pytest.raises(ValueError, match=r"seq_idx must be \(1, 5\)"):
+        ops.mamba_span(*args, **dims, seq_idx=torch.zeros(1, 4, dtype=torch.int64))
+    assert ops.mamba_span(*args, **{**dims, "chunk_size": 24}) is None  # not a power of two
+    monkeypatch.setenv(backend.SSD_KERNEL_ENV_VAR, "mamba_ssm")
+    assert ops.mamba_span(*args, **dims) is None
 
 
 def test_loader_reaches_triton_submodules_when_package_init_fails(tmp_path, monkeypatch):
