@@ -553,19 +553,21 @@ def rms_norm(
     ``s = residual + x`` (in float32 with ``residual_in_fp32``, else in residual's dtype) is normalised in x's dtype,
     exactly as the unfused ``hidden = hidden + update; norm(hidden)`` rounds; returns ``(y, s)`` with ``prenorm``,
     else ``y``. On CUDA that is one Triton kernel (``ops.triton_add_norm``; the reference is
-    ``add_rms_norm_ref``). Without ``residual``, ``prenorm`` returns ``(y, x)`` (x as float32 with
-    ``residual_in_fp32``). Unlike mamba_ssm's ``rms_norm_fn`` (which normalises the unrounded float32 sum and keeps a
-    given residual's dtype), ``residual_in_fp32`` always makes the new stream float32, as ``_residual_add`` does.
+    ``add_rms_norm_ref``). Without ``residual`` it is ``ops.triton_norm`` on CUDA (mamba_ssm's kernel where that
+    does not apply), and ``prenorm`` returns ``(y, x)`` (x as float32 with ``residual_in_fp32``). Unlike mamba_ssm's
+    ``rms_norm_fn`` (which normalises the unrounded float32 sum and keeps a given residual's dtype),
+    ``residual_in_fp32`` always makes the new stream float32, as ``_residual_add`` does.
     """
     if residual is None:
         own = _own_norm_kernel("rms_norm", backend, x, None, weight, x.shape[-1])
-        kernels = None if own is not None else _mamba_kernels("rms_norm", backend, x)
         if own is not None:
             y = own(x, None, weight, eps)
-        elif kernels is None or not _norm_fits_kernel(x, x.shape[-1]):
-            y = rms_norm_ref(x, weight, eps)
         else:
-            y = kernels.rmsnorm_fn(x, weight, None, z=None, eps=eps, group_size=None, norm_before_gate=True)
+            kernels = _mamba_kernels("rms_norm", backend, x)
+            if kernels is None or not _norm_fits_kernel(x, x.shape[-1]):
+                y = rms_norm_ref(x, weight, eps)
+            else:
+                y = kernels.rmsnorm_fn(x, weight, None, z=None, eps=eps, group_size=None, norm_before_gate=True)
         if not prenorm:
             return y
         return y, x.float() if residual_in_fp32 else x
