@@ -181,7 +181,9 @@ class TrainOptimizer:
         self.owned_names = [n for n, _ in owned]
         self.owned_params = [p for _, p in owned]
         if fused is None:
-            fused = bool(self.params) and self.params[0].is_cuda
+            # torch's fused AdamW (one kernel over all parameters) exists for CUDA and CPU: on CPU it is 2-2.5x faster
+            # than the per-tensor loop (13 -> 5-6.5 ms a step for the 9.6M-parameter cpu-bench model)
+            fused = bool(self.params) and self.params[0].device.type in ("cuda", "cpu")
         param_groups = [g for g in weight_decay_groups(owned)]
         for g in param_groups:
             g.pop("param_names")

@@ -50,6 +50,26 @@ def test_weight_decay_groups_follow_megatron() -> None:
     assert "embedding.word_embeddings.weight" in decay["param_names"]
 
 
+def test_cpu_optimizer_is_torch_fused_adamw_with_the_per_tensor_results() -> None:
+    """On CPU the trainer takes torch's fused AdamW; three steps of it match the per-tensor implementation."""
+    run = parse_args(run_flags("unused"))
+    model = MambaModel(run.model_config(BYTE_VOCAB))
+    reference = MambaModel(run.model_config(BYTE_VOCAB))
+    reference.load_state_dict(model.state_dict())
+    optimizer = TrainOptimizer(model, model.groups, lr=1e-2)
+    assert optimizer.optimizer.defaults.get("fused") is True
+    per_tensor = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        optimizer.optimizer.step()
+        per_tensor.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_gradient_accumulation_equals_one_big_micro_batch(byte_data: str) -> None:
     accumulated = pretrain(run_flags(byte_data, iters=3, micro=2, global_batch=4))
     single = pretrain(run_flags(byte_data, iters=3, micro=4, global_batch=4))
