@@ -104,10 +104,9 @@ def _triton_ops(kernels):
 
 
 def _run(fn, t, grad_out, dtype):
-    leaves = {k: (v.to(dtype) if dtype != torch.float64 or v.is_floating_point() else v).detach().clone()
-              .requires_grad_() if v is not None else None for k, v in t.items()}
-    if t["zxbcdt"].stride(0) != t["zxbcdt"].shape[1] * t["zxbcdt"].shape[2]:  # keep the strided layout
-        leaves["zxbcdt"] = t["zxbcdt"].transpose(0, 1).to(dtype).detach().clone().transpose(0, 1).requires_grad_()
+    # .to and .clone keep the layout: zxbcdt stays a sequence-first [b, l, width] view
+    leaves = {k: v.to(dtype).detach().clone().requires_grad_() if v is not None else None for k, v in t.items()}
+    assert leaves["zxbcdt"].stride() == t["zxbcdt"].stride()
     out = fn(leaves)
     (out.double() * grad_out.double()).sum().backward()
     return out.detach(), {k: v.grad for k, v in leaves.items() if v is not None}
