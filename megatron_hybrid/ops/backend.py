@@ -24,10 +24,12 @@ GPU kernel, so both paths reset state exactly where the document id changes.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -132,6 +134,16 @@ def _conv_kernels_wanted(op: str, backend: str, tensor: torch.Tensor) -> bool:
     return tensor.dtype in _KERNEL_DTYPES
 
 
+def _own_kernel_quietly(spec: tuple[str, str, str]) -> tuple[Callable, ModuleType] | None:
+    """Our Triton entry point ``spec`` (module, entry, what) and its module, or None when it cannot be loaded. No
+    warning: the callers fall back to mamba_ssm's kernels, which warn themselves if they are missing too."""
+    try:
+        kernel = load_own_triton(*spec)
+    except KernelUnavailableError:
+        return None
+    return kernel, importlib.import_module(spec[0])
+
+
 def _ssd_kernel_choice() -> str:
     choice = os.environ.get(SSD_KERNEL_ENV_VAR, "").strip().lower() or "own"
     if choice not in SSD_KERNELS:
@@ -149,12 +161,10 @@ def _own_ssd_kernel(
         return None
     if _ssd_kernel_choice() == "mamba_ssm" or x.dim() != 4 or B.dim() != 4:
         return None
-    try:
-        kernel = load_own_triton(*_TRITON_SSD)
-    except KernelUnavailableError:
+    found = _own_kernel_quietly(_TRITON_SSD)
+    if found is None:
         return None
-    from megatron_hybrid.ops import triton_ssd  # loaded by load_own_triton
-
+    kernel, triton_ssd = found
     return kernel if triton_ssd.unsupported_reason(x, B, C, chunk_size, D) is None else None
 
 
@@ -193,12 +203,10 @@ def mamba_span(
     """
     if _cuda_kernel_mode("mamba_span", backend, zxbcdt) is None or _ssd_kernel_choice() != "own":
         return None
-    try:
-        kernel = load_own_triton(*_TRITON_SPAN)
-    except KernelUnavailableError:
+    found = _own_kernel_quietly(_TRITON_SPAN)
+    if found is None:
         return None
-    from megatron_hybrid.ops import triton_mamba_span  # loaded by load_own_triton
-
+    kernel, triton_mamba_span = found
     shape = triton_mamba_span.MambaSpanShape(
         nheads=nheads, headdim=headdim, ngroups=ngroups, d_state=d_state, chunk_size=int(chunk_size),
         norm_group_size=int(norm_group_size), norm_eps=float(norm_eps),
@@ -523,12 +531,10 @@ def _own_norm_kernel(
             or (z is not None and (z.shape != x.shape or z.dtype != x.dtype or z.device != x.device))
             or group_size <= 0 or width % group_size):
         return None
-    try:
-        kernel = load_own_triton(*_TRITON_NORM)
-    except KernelUnavailableError:
+    found = _own_kernel_quietly(_TRITON_NORM)
+    if found is None:
         return None
-    from megatron_hybrid.ops import triton_norm  # loaded by load_own_triton
-
+    kernel, triton_norm = found
     return kernel if group_size <= triton_norm.MAX_GROUP else None
 
 
