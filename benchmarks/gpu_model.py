@@ -9,6 +9,8 @@
 1. Breakdown (``--parts breakdown``): torch.profiler (CUDA activity) over a few MambaLayer forward+backward passes at
    the 800M layer shape and over the bare ``mamba_chunk_scan_combined`` on the same shapes: top kernels by total time
    (name, calls, ms per iteration), the kernel sum, per-category sums, and the GPU idle time of the layer.
+1b. Host overhead (``--parts host``): the CPU time to issue the layer's forward+backward and the bare scan call (GPU
+   held by a spin), their wall times, and the layer's host-side hot spots (cProfile and torch.profiler CPU ops).
 2. Mamba layer overhead (``--parts layer``): forward+backward of one full MambaLayer (norm, in_proj, conv, SSD, gated
    norm, out_proj, residual) at the 800M layer shape (b4, L4096, hidden 1024, 32 heads x 64, 8 groups, d_state 128,
    chunk 128) in bf16, with our scan and with mamba_ssm's, against the bare scan calls on the same shapes.
@@ -553,10 +555,9 @@ def _kernel_table(prof, iters: int, top: int) -> dict:
     }
 
 
-def layer_breakdown(batch: int = 4, seqlen: int = 4096, iters: int = 5) -> dict:
-    """Where one MambaLayer's forward + backward time goes at the 800M layer shape (bf16): torch.profiler with CUDA
-    activity over ``iters`` iterations, kernels by total time, per category, and the same for the bare
-    ``mamba_chunk_scan_combined`` on the layer's shapes, so the layer's excess over the bare scan is itemised."""
+def _layer_and_bare_scan(batch: int, seqlen: int, with_layer: bool = False):
+    """The 800M-shaped MambaLayer's forward+backward and the bare ``mamba_chunk_scan_combined`` forward+backward on
+    the layer's scan shapes (bf16), as two closures (and the layer and its input with ``with_layer``)."""
     torch.manual_seed(0)
     config = config_800m(num_layers=1, hybrid_override_pattern="M", params_dtype=torch.bfloat16)
     layer = MambaLayer(config, ParallelGroups.single()).cuda()
@@ -581,6 +582,91 @@ def layer_breakdown(batch: int = 4, seqlen: int = 4096, iters: int = 5) -> dict:
         kernels.mamba_chunk_scan_combined(x, dt, A, B, C, config.mamba_chunk_size, D=D, dt_bias=dt_bias,
                                           dt_softplus=True).backward(dy)
 
+    return (layer_fwd_bwd, scan_fwd_bwd, layer, hidden) if with_layer else (layer_fwd_bwd, scan_fwd_bwd)
+
+
+def host_only_ms(fn, iters: int = 20) -> float:
+    """Median host milliseconds of ``fn`` started on an idle GPU (its launches queue without waiting)."""
+    fn()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return round(sorted(times)[len(times) // 2], 4)
+
+
+def host_issue_ms(fn, iters: int = 10) -> float:
+    """Median host milliseconds to issue ``fn`` while the GPU is held by a spin: the CPU cost of the call (Python,
+    autograd, the Triton launcher and the CUDA launches) with no waiting on the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        torch.cuda._sleep(200_000_000)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    return round(sorted(times)[len(times) // 2], 3)
+
+
+def host_overhead(batch: int = 4, seqlen: int = 4096) -> dict:
+    """Host (CPU) time to issue one MambaLayer forward+backward and the bare mamba_ssm scan call (on an idle GPU, and
+    behind a GPU spin), and of single launches and pieces of the layer for scale, against the wall time with CUDA
+    events: a layer timed alone is launch-bound when the first is about its kernel time or more. Prints the layer's
+    host-side hot spots (cProfile by cumulative time; torch.profiler CPU ops by self time)."""
+    import cProfile
+    import pstats
+
+    import triton
+    import triton.language as tl
+
+    layer_fwd_bwd, scan_fwd_bwd, layer, hidden = _layer_and_bare_scan(batch, seqlen, with_layer=True)
+    normed = layer.norm(hidden)
+    buf = torch.zeros(16, device="cuda")
+
+    @triton.jit
+    def noop(ptr, n):
+        tl.store(ptr + tl.arange(0, 16), tl.load(ptr + tl.arange(0, 16)) + n)
+
+    segments = {"one Triton launch (2 args)": lambda: noop[(1,)](buf, 1), "one torch op (add_)": lambda: buf.add_(1),
+                "pre-norm forward": lambda: layer.norm(hidden), "in_proj forward": lambda: layer.mixer.in_proj(normed),
+                "layer forward": lambda: layer(hidden), "layer forward+backward": layer_fwd_bwd}
+    out = {f"host_ms[{name}]": host_only_ms(fn) for name, fn in segments.items()}
+    out |= {"layer_host_issue_ms": host_issue_ms(layer_fwd_bwd), "bare_scan_host_issue_ms": host_issue_ms(scan_fwd_bwd),
+           "layer_wall_ms_events": timed(layer_fwd_bwd), "bare_scan_wall_ms_events": timed(scan_fwd_bwd)}
+    profiler = cProfile.Profile()
+    iters = 10
+    torch.cuda._sleep(400_000_000)
+    profiler.enable()
+    for _ in range(iters):
+        layer_fwd_bwd()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (primitive, all calls, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][3])[:45]
+    print("--- host cProfile per layer fwd+bwd (us; cProfile inflates Python calls): cumulative, own, calls",
+          flush=True)
+    for (path, line, name), (_, calls, own, cum, _) in rows:
+        where = f"{Path(path).name}:{line}({name})" if line else name
+        print(f"    {1e6 * cum / iters:9.1f} {1e6 * own / iters:9.1f} {calls / iters:6.1f}  {where}", flush=True)
+    torch.cuda._sleep(400_000_000)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            layer_fwd_bwd()
+    torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)[-9000:], flush=True)
+    return out
+
+
+def layer_breakdown(batch: int = 4, seqlen: int = 4096, iters: int = 5) -> dict:
+    """Where one MambaLayer's forward + backward time goes at the 800M layer shape (bf16): torch.profiler with CUDA
+    activity over ``iters`` iterations, kernels by total time, per category, and the same for the bare
+    ``mamba_chunk_scan_combined`` on the layer's shapes, so the layer's excess over the bare scan is itemised."""
+    layer_fwd_bwd, scan_fwd_bwd = _layer_and_bare_scan(batch, seqlen)
     out: dict = {"layer_fwd_bwd_ms_events": timed(layer_fwd_bwd), "bare_scan_fwd_bwd_ms_events": timed(scan_fwd_bwd)}
     variants = (("layer", layer_fwd_bwd, 25), ("bare_scan", scan_fwd_bwd, 15))
     for label, fn, top in variants:
@@ -661,7 +747,7 @@ def memory_breakdown(batch: int = 1, seqlen: int = 4096) -> dict:
     }
 
 
-PARTS = ("conv", "ssd", "breakdown", "layer", "parity", "memory", "train")
+PARTS = ("conv", "ssd", "breakdown", "host", "layer", "parity", "memory", "train")
 
 
 def main() -> None:
@@ -671,7 +757,8 @@ def main() -> None:
     parser.add_argument("--parts", default="conv,layer,parity,memory,train",
                         help=f"comma-separated, run in this order: {','.join(PARTS)}. conv: Triton conv1d alone, sweep "
                              "of its kernel configurations (the fastest stays set for the later parts of the run); "
-                             "breakdown: profiler kernel table of one MambaLayer fwd+bwd vs the bare scan; layer: "
+                             "breakdown: profiler kernel table of one MambaLayer fwd+bwd vs the bare scan; host: "
+                             "host (CPU) time to issue the layer and the bare scan, and its hot spots; layer: "
                              "layer vs bare scan timings; parity: fast path vs reference; memory; train: 800M steps")
     parser.add_argument("--batches", default="2,4", help="batch sizes of the train part")
     parser.add_argument("--ssd-sweep", action="store_true", help="ssd part: also sweep our scan kernels' settings")
@@ -691,6 +778,8 @@ def main() -> None:
             part("ssd_scan", print_chars=6000)(lambda: ssd_scan(sweep=args.ssd_sweep))
         elif name == "breakdown":
             part("mamba_layer_breakdown", print_chars=400)(layer_breakdown)  # its tables are printed above
+        elif name == "host":
+            part("host_overhead")(host_overhead)
         elif name == "layer":
             part("mamba_layer_overhead")(mamba_layer_overhead)
         elif name == "parity":
