@@ -20,6 +20,7 @@
    counter of ``benchmarks/activation_memory.py``) and the allocated memory after forward / peaks of one step.
 5. Training-step throughput of the 800M configuration (the peers' shape: vocab 256000 untied, pattern of 48 layers):
    forward + backward + fused AdamW under bf16 autocast with fp32 parameters, tokens/s, model TFLOP/s and MFU.
+   ``--parts train_breakdown``: the step's kernels (top 30 and per category) and the GPU's idle time, at batch 4.
 
 Parts run in the order given to ``--parts``; each is wrapped so that a failure prints and the next part still runs.
 Prints JSON and writes it to $OUT/gpu_model.json when $OUT is set. Needs mamba_ssm's Triton kernels on PYTHONPATH.
@@ -223,7 +224,8 @@ def model_flops_per_token(config: HybridConfig, seqlen: int) -> float:
     return 6 * matmul_params + 3 * (attention + ssd)
 
 
-def train_step_throughput(batch: int, seqlen: int = 4096, peak_tflops: float = 989.0) -> dict:
+def _train_step_800m(batch: int, seqlen: int):
+    """The 800M model and one training step of it (bf16 autocast, fp32 parameters, fused AdamW) as a closure."""
     torch.manual_seed(0)
     config = config_800m()
     model = MambaModel(config).cuda()
@@ -237,6 +239,30 @@ def train_step_throughput(batch: int, seqlen: int = 4096, peak_tflops: float = 9
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return config, model, step
+
+
+def train_step_breakdown(batch: int = 4, seqlen: int = 4096, iters: int = 2) -> dict:
+    """Where an 800M training step's GPU time goes: torch.profiler kernel table (top 30, per category) over ``iters``
+    steps, and the GPU idle time (wall - kernels)."""
+    _, _, step = _train_step_800m(batch, seqlen)
+    wall = timed(step, warmup=2, iters=3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    out = {"wall_ms_per_step": round(wall, 1), **_kernel_table(prof, iters, top=30)}
+    out["gpu_idle_ms_per_step"] = round(wall - out["kernels_total_ms_per_iter"], 1)
+    print(f"--- 800M step b{batch}: wall {wall:.1f} ms, kernels {out['kernels_total_ms_per_iter']} ms", flush=True)
+    for cat, ms in out["per_category_ms_per_iter"].items():
+        print(f"    {ms:9.3f} ms  {cat}", flush=True)
+    for row in out["top_kernels"]:
+        print(f"    {row['ms_per_iter']:9.3f} ms  x{row['calls_per_iter']:<6} {row['name']}", flush=True)
+    return out
+
+
+def train_step_throughput(batch: int, seqlen: int = 4096, peak_tflops: float = 989.0) -> dict:
+    config, model, step = _train_step_800m(batch, seqlen)
     ms = timed(step, warmup=2, iters=5)
     tokens_per_s = batch * seqlen / ms * 1e3
     tflops = model_flops_per_token(config, seqlen) * tokens_per_s / 1e12
@@ -540,6 +566,9 @@ def _kernel_table(prof, iters: int, top: int) -> dict:
         ("conv1d (ours)", ("_conv1d_",)),
         ("gated/rms norm", ("_layer_norm", "_group_norm", "rms", "_rms_")),
         ("matmul", ("gemm", "sm90", "nvjet", "cutlass", "xmma", "matmul", "_mm_")),
+        ("attention", ("flash", "attention", "fmha", "_attn")),
+        ("cross entropy / softmax", ("softmax", "cross_entropy", "nll_loss", "log_softmax")),
+        ("optimizer", ("adam", "Adam")),
         ("cat / copy", ("CatArray", "copy", "Copy")),
         ("reduce (partial sums etc.)", ("reduce", "Reduce")),
     )
@@ -747,7 +776,7 @@ def memory_breakdown(batch: int = 1, seqlen: int = 4096) -> dict:
     }
 
 
-PARTS = ("conv", "ssd", "breakdown", "host", "layer", "parity", "memory", "train")
+PARTS = ("conv", "ssd", "breakdown", "host", "layer", "parity", "memory", "train", "train_breakdown")
 
 
 def main() -> None:
@@ -759,7 +788,8 @@ def main() -> None:
                              "of its kernel configurations (the fastest stays set for the later parts of the run); "
                              "breakdown: profiler kernel table of one MambaLayer fwd+bwd vs the bare scan; host: "
                              "host (CPU) time to issue the layer and the bare scan, and its hot spots; layer: "
-                             "layer vs bare scan timings; parity: fast path vs reference; memory; train: 800M steps")
+                             "layer vs bare scan timings; parity: fast path vs reference; memory; train: 800M steps; "
+                             "train_breakdown: kernel table of an 800M step (batch 4)")
     parser.add_argument("--batches", default="2,4", help="batch sizes of the train part")
     parser.add_argument("--ssd-sweep", action="store_true", help="ssd part: also sweep our scan kernels' settings")
     args = parser.parse_args()
@@ -786,6 +816,8 @@ def main() -> None:
             part("model_parity_bf16")(model_parity)
         elif name == "memory":
             part("memory_breakdown_b1")(memory_breakdown)
+        elif name == "train_breakdown":
+            part("train_800m_breakdown", print_chars=600)(train_step_breakdown)  # its table is printed above
         elif name == "train":
             for batch in (int(b) for b in args.batches.split(",")):
                 part(f"train_800m_b{batch}")(lambda batch=batch: train_step_throughput(batch))

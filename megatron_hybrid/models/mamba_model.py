@@ -166,8 +166,9 @@ class MambaModel(nn.Module):
             return loss.transpose(0, 1).contiguous()
         logits = F.linear(hidden_states, self.output_weight)  # [s, b, vocab / tp]
         if labels is not None:
-            # bf16 logits as they are: the loss upcasts chunk by chunk (no float32 [s, b, vocab] copy here).
-            loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), groups)
+            # bf16 logits as they are: the loss upcasts them itself (no float32 [s, b, vocab] copy here); nothing
+            # reads these logits after it, so its backward may write the gradient over them.
+            loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), groups, reuse_logits=True)
             return loss.transpose(0, 1).contiguous()
         logits = gather_from_tp(logits, groups.tp)[..., : config.vocab_size]
         return logits.transpose(0, 1).contiguous()

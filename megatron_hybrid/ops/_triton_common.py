@@ -1,7 +1,7 @@
 """What megatron_hybrid's own Triton modules (``triton_decode``, ``triton_add_norm``, ``triton_attention``,
-``triton_gemv``, ``triton_fused_gemv``, ``triton_argmax``, ``triton_ssd``, ``triton_norm``, ``triton_mamba_span``)
-share: the guarded import of triton, rounding a float32 value to a storage dtype inside a kernel, the softplus of
-Mamba's time step, and programmatic dependent launch (PDL).
+``triton_gemv``, ``triton_fused_gemv``, ``triton_argmax``, ``triton_ssd``, ``triton_norm``, ``triton_mamba_span``,
+``triton_cross_entropy``) share: the guarded import of triton, rounding a float32 value to a storage dtype inside
+a kernel, the softplus of Mamba's time step, and programmatic dependent launch (PDL).
 
 PDL (Hopper and later): a kernel launched with it may start while the kernel before it in the stream is still running,
 once every program of that one has signalled (``gdc_launch_dependents``); it must wait (``gdc_wait``: the previous

@@ -15,7 +15,9 @@ Every op takes ``backend="auto" | "torch" | "triton"``:
   The environment variable ``MEGATRON_HYBRID_KERNELS`` (auto/torch/triton), read at every call, replaces ``"auto"``.
 
 ``mamba_decode_fused`` (a Mamba mixer's whole decode step between its projections, ``ops.triton_decode``) follows the
-same rules but answers None instead of running a reference: its reference is the composition of the other ops.
+same rules but answers None instead of running a reference: its reference is the composition of the other ops. So do
+``mamba_span`` (the training span between a mixer's projections) and ``cross_entropy`` (the loss of tensor-parallel
+size 1 on CUDA; ``parallel.cross_entropy`` holds its torch paths).
 
 All dispatch targets implement the same semantics (those of mamba_ssm / causal_conv1d, documented in the reference
 modules), including ``seq_idx``: it is converted to monotone segment ids (``_common.segment_ids``) before reaching a
@@ -220,6 +222,26 @@ def mamba_span(
             raise ValueError(f"seq_idx must be {tuple(zxbcdt.shape[:2])}, got shape {tuple(seq_idx.shape)}")
         segments = segment_ids(seq_idx).to(torch.int32).contiguous()
     return kernel(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight, shape, segments)
+
+
+_TRITON_CROSS_ENTROPY = ("megatron_hybrid.ops.triton_cross_entropy", "cross_entropy_triton",
+                         "the Triton cross entropy (ops.triton_cross_entropy)")
+
+
+def cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, *, reuse_logits: bool = False, backend: str = "auto"
+) -> torch.Tensor | None:
+    """Per-token float32 cross entropy of ``logits`` [..., vocab] against ``target`` [...] through our Triton kernels
+    (``ops.triton_cross_entropy``: one read of the logits forward, one read and write backward), or None where they
+    do not apply: off CUDA, backend / ``MEGATRON_HYBRID_KERNELS`` "torch", other dtypes, or without triton; the caller
+    (``parallel.cross_entropy``) then takes its torch path. ``reuse_logits``: the backward writes the gradient over
+    the logits (for a caller that owns them and does not read them after the loss)."""
+    if _cuda_kernel_mode("cross_entropy", backend, logits) is None or logits.dtype not in _KERNEL_DTYPES:
+        return None
+    found = _own_kernel_quietly(_TRITON_CROSS_ENTROPY)
+    if found is None:
+        return None
+    return found[0](logits, target, reuse_logits)
 
 
 def ssd_chunk_scan(
@@ -811,6 +833,7 @@ def kernel_backend_info() -> dict[str, Any]:
         "triton_fused_gemv": ("megatron_hybrid.ops.triton_fused_gemv", "fused_gemv_triton",
                               "the Triton fused GEMV"),
         "triton_argmax": ("megatron_hybrid.ops.triton_argmax", "greedy_and_feed_triton", "the Triton greedy argmax"),
+        "triton_cross_entropy": _TRITON_CROSS_ENTROPY,
     }
     for key, (module_name, entry, what) in own.items():
         try:
@@ -839,6 +862,8 @@ def kernel_backend_info() -> dict[str, Any]:
         else "separate norm and linear",
         "greedy_tokens_and_feed": "triton (megatron_hybrid)" if info["triton_argmax"]["available"]
         else "torch max",
+        "cross_entropy": "triton (megatron_hybrid, tensor-parallel size 1)" if info["triton_cross_entropy"]["available"]
+        else "torch (chunked)",
     }
     if mode == "torch":
         on_cuda = dict.fromkeys(on_cuda, "torch")

@@ -158,3 +158,30 @@ def test_fused_mamba_span_matches_composed_reference(dtype):
         else:
             reference_err = _relative(results["reference"][name], truth)
             assert err <= max(1e-2, 1.5 * reference_err), f"{name}: {err:.2e} (bf16 reference {reference_err:.2e})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_cross_entropy_matches_float64(dtype):
+    """Our Triton cross entropy (the CUDA path of ``vocab_parallel_cross_entropy`` at tensor-parallel size 1) on a
+    large vocabulary with a partial last block, through the model's call (``reuse_logits``) and a plain one."""
+    from megatron_hybrid.parallel.cross_entropy import vocab_parallel_cross_entropy
+    from megatron_hybrid.parallel.state import ParallelGroups
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    s, b, vocab = 33, 3, 50_021
+    logits = (torch.randn(s, b, vocab, device="cuda", generator=gen) * 4).to(dtype)
+    target = torch.randint(0, vocab, (s, b), device="cuda", generator=gen)
+    target[0, 0], target[1, 0] = 0, vocab - 1
+    grad_loss = torch.rand(s, b, device="cuda", generator=gen)
+    truth = logits.double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(truth.reshape(-1, vocab), target.reshape(-1), reduction="none")
+    want.backward(grad_loss.reshape(-1).double())
+    for reuse in (False, True):
+        leaf = logits.clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(leaf * 1, target, ParallelGroups.single(), reuse_logits=reuse)
+        assert loss.dtype == torch.float32
+        loss.backward(grad_loss)
+        assert (loss.double().reshape(-1) - want.detach()).abs().max().item() <= 1e-5 * want.abs().max().item()
+        err = (leaf.grad.double() - truth.grad).abs()
+        rounding = 2.0 ** -8 if dtype == torch.bfloat16 else 1e-6  # one rounding to bf16, or float32 arithmetic
+        assert (err <= rounding * truth.grad.abs() + 1e-7).all(), f"worst {err.max().item():.2e}"
