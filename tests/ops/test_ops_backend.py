@@ -270,3 +270,25 @@ def test_importing_ops_does_not_import_gpu_packages():
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_cross_entropy_dispatch_keeps_the_torch_path_off_cuda():
+    """Off CUDA ``ops.cross_entropy`` declines (forced "triton" raises) and the loss takes its torch path, which
+    never writes into the logits, even when allowed to."""
+    from megatron_hybrid.parallel.cross_entropy import vocab_parallel_cross_entropy
+    from megatron_hybrid.parallel.state import ParallelGroups
+
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    before = logits.detach().clone()
+    target = torch.randint(0, 11, (2, 3))
+    assert ops.cross_entropy(logits, target) is None
+    with pytest.raises(ops.KernelUnavailableError, match="needs CUDA tensors"):
+        ops.cross_entropy(logits, target, backend="triton")
+    loss = vocab_parallel_cross_entropy(logits, target, ParallelGroups.single(), reuse_logits=True)
+    loss.sum().backward()
+    leaf = before.clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy(leaf.reshape(-1, 11), target.reshape(-1), reduction="none")
+    want.sum().backward()
+    assert torch.allclose(loss, want.view(2, 3).detach(), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(logits.grad, leaf.grad, rtol=1e-6, atol=1e-7)
+    assert torch.equal(logits.detach(), before)

@@ -4,8 +4,8 @@ interpreter (``triton_interpreter.py`` says how; a fresh process runs them where
 Crossed boundaries: vocabularies of one partial block, of several blocks with a partial last one (the block is
 shrunk to 64), and exact multiples; targets at both ends of the vocabulary and outside it; strided rows; -inf logits
 (masked entries) and large logits; upstream gradients that vary per token and the stride-0 one of ``.mean()``; the
-gradient written over the logits (``reuse_logits``) and a second backward refused then; and the dispatch of
-``ops.cross_entropy`` / ``parallel.vocab_parallel_cross_entropy``, which keep the torch path off CUDA.
+gradient written over the logits (``reuse_logits``) and a second backward refused then. The dispatch off CUDA is
+checked in ``test_ops_backend.py`` (it needs no triton).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ interpret_if_possible()
 triton = pytest.importorskip(
     "triton", reason="triton is not installed: the Triton cross entropy is checked only with it (pip install triton)"
 )
-
-from megatron_hybrid import ops  # noqa: E402
 
 needs_interpreter = interpreter_only(triton)
 test_in_a_fresh_process = fresh_process_test(triton, __file__)
@@ -116,17 +114,3 @@ def test_an_id_outside_the_vocabulary_gives_a_nan_loss_for_its_token_only(tce):
     want, _ = _reference(logits[:1], torch.tensor([5]), torch.ones(1))
     assert abs(loss[0].item() - want.item()) <= 1e-5
 
-
-def test_dispatch_keeps_the_torch_path_off_cuda():
-    from megatron_hybrid.parallel.cross_entropy import vocab_parallel_cross_entropy
-    from megatron_hybrid.parallel.state import ParallelGroups
-
-    logits = torch.randn(2, 3, 11)
-    target = torch.randint(0, 11, (2, 3))
-    assert ops.cross_entropy(logits, target) is None
-    with pytest.raises(ops.KernelUnavailableError, match="needs CUDA tensors"):
-        ops.cross_entropy(logits, target, backend="triton")
-    loss = vocab_parallel_cross_entropy(logits, target, ParallelGroups.single(), reuse_logits=True)
-    want = F.cross_entropy(logits.reshape(-1, 11), target.reshape(-1), reduction="none").view(2, 3)
-    assert torch.allclose(loss, want, rtol=1e-6, atol=1e-6)
-    assert torch.equal(logits, logits.clone())  # the CPU path never writes into the logits
