@@ -17,7 +17,10 @@ of the conv (PyTorch's float32 depthwise conv: saves the padded float32 input an
 Prints per-token bytes per layer type, the biggest saved items, and an estimate of the GPU peak of a training step
 (fused AdamW, float32 params) at batch 2 and 4 x 4096. Writes JSON to $OUT/activation_memory.json when $OUT is set.
 
-    python benchmarks/activation_memory.py [--seq 640] [--model ours|hf|both] [--conv triton|torch]
+``--loss`` picks the CUDA loss modelled: ``triton`` (default; ours at tensor-parallel size 1, which saves the bf16
+logits and writes its gradient over them: no loss transient), ``chunked`` (the tensor-parallel path) or ``old``.
+
+    python benchmarks/activation_memory.py [--seq 640] [--model ours|hf|both] [--conv triton|torch] [--loss triton]
 """
 
 from __future__ import annotations
@@ -121,7 +124,9 @@ def _conv_gpu_like(kind: str) -> Callable:
 
 
 def _loss_gpu_like(kind: str) -> tuple[Callable, Callable]:
-    """The CUDA loss path: output layer, then the chunked CE (``new``) or the float32 softmax-saving one (``old``)."""
+    """The CUDA loss path: output layer, then our Triton CE (``triton``: tensor-parallel size 1, saves the logits and
+    writes its gradient over them), the chunked CE (``chunked``: tensor parallelism; saves a logits-sized gradient) or
+    the float32 softmax-saving one (``old``)."""
     import torch.nn.functional as F
 
     from megatron_hybrid.parallel import cross_entropy
@@ -129,9 +134,13 @@ def _loss_gpu_like(kind: str) -> tuple[Callable, Callable]:
     def vocab_ce(logits, target, groups, **kwargs):
         if kind == "old":
             return cross_entropy._VocabParallelCrossEntropy.apply(logits.float(), target, groups.tp)
+        if kind == "triton":
+            return _SavesLike.apply(
+                lambda lg: cross_entropy._LocalCrossEntropy.apply(lg.float(), target),
+                lambda inputs, out: (inputs[0], torch.empty(inputs[0].shape[:-1])), logits)  # logits, float32 lse
         return cross_entropy._ChunkedCrossEntropy.apply(logits, target, groups.tp)
 
-    def linear_ce(hidden, weight, target):  # the CPU-only fused branch is not taken on CUDA
+    def linear_ce(hidden, weight, target, workspace=None):  # the CPU-only fused branch is not taken on CUDA
         logits = F.linear(hidden, weight)
         return vocab_ce(logits.float() if kind == "old" else logits, target, SINGLE)
 
@@ -139,7 +148,7 @@ def _loss_gpu_like(kind: str) -> tuple[Callable, Callable]:
 
 
 @contextlib.contextmanager
-def gpu_like_ops(conv_kind: str, loss_kind: str = "new"):
+def gpu_like_ops(conv_kind: str, loss_kind: str = "triton"):
     """Swap the kernel entry points the layers call for the GPU-shaped stand-ins above."""
     import megatron_hybrid.layers.mamba_mixer as mixer
     import megatron_hybrid.layers.norm as norm
@@ -287,7 +296,7 @@ def estimate_peak_GB(audit_result: dict, params: int, batch: int, seqlen: int, h
             "estimated_peak_GB": round((static + acts + copies + transient) / GB, 1)}
 
 
-def ours(seqlen: int, conv_kind: str, gpu_like: bool, loss_kind: str = "new") -> dict:
+def ours(seqlen: int, conv_kind: str, gpu_like: bool, loss_kind: str = "triton") -> dict:
     torch.manual_seed(0)
     config = config_800m()
     model = MambaModel(config)
@@ -348,7 +357,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=640)  # not a weight dim: see SavedTensorCounter
     parser.add_argument("--model", default="both", choices=("ours", "hf", "both"))
     parser.add_argument("--conv", default="triton", choices=("triton", "torch"))
-    parser.add_argument("--loss", default="new", choices=("new", "old"), help="chunked CE or the float32 one")
+    parser.add_argument("--loss", default="triton", choices=("triton", "chunked", "old"),
+                        help="the CUDA loss to model: ours at tensor-parallel size 1, the chunked CE (tensor "
+                             "parallelism), or the old float32 one")
     parser.add_argument("--cpu-path", action="store_true", help="count the CPU references as they are")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -363,8 +374,9 @@ def main() -> None:
         r = results[name]
         # Vocab-sized temporaries of the loss beyond what it saves, per token: unfused float32 CE (ours before, and
         # transformers with its float32 logits kept alive in the output) ~4 B float32 gradient + 2 B bf16 cast (+ the
-        # 2-4 B logits of the forward); the chunked CE only has the bf16 logits alive while it fills its buffer.
-        per_vocab = {"hf": 8, "ours": 2 if args.loss == "new" else 6}[name]
+        # 2-4 B logits of the forward); the chunked CE only has the bf16 logits alive while it fills its buffer; the
+        # Triton CE none (its backward writes the gradient over the saved logits).
+        per_vocab = {"hf": 8, "ours": {"triton": 0, "chunked": 2, "old": 6}[args.loss]}[name]
         head = r["vocab"] * per_vocab
         r["gpu_peak_estimates"] = [estimate_peak_GB(r, r["params"], b, 4096, head) for b in (2, 4)]
     text = json.dumps(results, indent=1)
