@@ -19,16 +19,25 @@ RUFF_IN_TEST ?= 1
 # Interpreter with a CUDA torch for `make test-gpu` (e.g. inside the docker image).
 GPU_PYTHON ?= python3
 
+# Our Triton kernels are tested on the CPU in Triton's interpreter (tests/ops/triton_interpreter.py). triton (~1 GB
+# installed) stays out of the venv: `make test-kernels` installs it into $(KERNEL_DEPS) and runs the modules that
+# need it (in `make test` they skip).
+TRITON_VERSION ?= 3.9.0
+KERNEL_DEPS ?= build/kernel-deps
+KERNEL_TESTS ?= $(sort $(shell grep -l triton_interpreter tests/ops/test_*.py)) \
+	tests/inference/test_inference_decode_fusions.py tests/ops/test_ops_backend.py
+
 SHELL_SCRIPTS := $(sort .ci/run $(shell find . -name '*.sh' -not -path './.venv/*' -not -path './.git/*' \
 	-not -path './build/*'))
 
-.PHONY: help venv check-python test test-slow test-gpu lint demo bench-cpu clean distclean
+.PHONY: help venv check-python test test-slow test-gpu kernel-deps test-kernels lint demo bench-cpu clean distclean
 
 help:
 	@echo "make venv       create/refresh $(VENV) (CPU torch, package editable with [dev]); PYTHON=$(PYTHON)"
 	@echo "make test       ruff check + default test suite (not slow, not gpu)"
 	@echo "make test-slow  tests marked slow (CPU)"
 	@echo "make test-gpu   tests marked gpu, with GPU_PYTHON=$(GPU_PYTHON) (needs CUDA torch + kernels)"
+	@echo "make test-kernels  our Triton kernels in Triton's CPU interpreter (installs triton into $(KERNEL_DEPS))"
 	@echo "make lint       ruff + hadolint on docker/Dockerfile + bash -n/shellcheck on shell scripts"
 	@echo "make demo       python -m megatron_hybrid.demo \$$ARGS"
 	@echo "make bench-cpu  benchmarks/cpu_train_throughput.py \$$ARGS"
@@ -61,6 +70,18 @@ test-slow: $(STAMP)
 
 test-gpu:
 	$(GPU_PYTHON) -m pytest -m gpu $(PYTEST_ARGS)
+
+kernel-deps: $(STAMP)
+	@if [[ ! -f "$(KERNEL_DEPS)/.triton-$(TRITON_VERSION)" ]]; then \
+		rm -rf "$(KERNEL_DEPS)"; \
+		echo "installing triton==$(TRITON_VERSION) into $(KERNEL_DEPS) (for the interpreter tests only)"; \
+		$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target "$(KERNEL_DEPS)" \
+			"triton==$(TRITON_VERSION)" 2> >(grep -v "^WARNING: Location 'file:" >&2); \
+		touch "$(KERNEL_DEPS)/.triton-$(TRITON_VERSION)"; \
+	fi
+
+test-kernels: kernel-deps
+	PYTHONPATH="$(KERNEL_DEPS)" $(PY) -m pytest $(KERNEL_TESTS) $(PYTEST_ARGS)
 
 # Every checker runs even when an earlier one fails; the target fails if any did.
 lint: $(STAMP)
