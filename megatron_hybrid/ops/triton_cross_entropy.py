@@ -107,6 +107,10 @@ def cross_entropy_triton(logits: torch.Tensor, target: torch.Tensor, reuse_logit
     contiguous last dim) against ``target`` [...] (ids in ``[0, vocab)``; another id gives that token a NaN loss:
     checking on the host would stall the GPU every step); differentiable in ``logits``. ``reuse_logits``: the gradient
     is written over the logits (see the module docstring)."""
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(f"target {tuple(target.shape)} must be logits {tuple(logits.shape)} without the last dim")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device}, logits on {logits.device}: they must share a device")
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     if flat.stride(-1) != 1:

@@ -4,7 +4,8 @@ interpreter (``triton_interpreter.py`` says how; a fresh process runs them where
 Crossed boundaries: vocabularies of one partial block, of several blocks with a partial last one (the block is
 shrunk to 64), and exact multiples; targets at both ends of the vocabulary and outside it; strided rows; -inf logits
 (masked entries) and large logits; upstream gradients that vary per token and the stride-0 one of ``.mean()``; the
-gradient written over the logits (``reuse_logits``) and a second backward refused then. The dispatch off CUDA is
+gradient written over the logits (``reuse_logits``) and a second backward refused then; targets of the wrong shape
+or device named in the error. The dispatch off CUDA is
 checked in ``test_ops_backend.py`` (it needs no triton).
 """
 
@@ -114,3 +115,11 @@ def test_an_id_outside_the_vocabulary_gives_a_nan_loss_for_its_token_only(tce):
     want, _ = _reference(logits[:1], torch.tensor([5]), torch.ones(1))
     assert abs(loss[0].item() - want.item()) <= 1e-5
 
+
+@needs_interpreter
+def test_bad_targets_are_named(tce):
+    logits = torch.randn(4, 3, 10)
+    with pytest.raises(ValueError, match=r"target \(4,\) must be logits \(4, 3, 10\) without the last dim"):
+        tce.cross_entropy_triton(logits, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="must share a device"):
+        tce.cross_entropy_triton(logits, torch.zeros(4, 3, dtype=torch.long, device="meta"))
