@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, tl, triton
+from megatron_hybrid.ops._triton_common import ROUND_KIND, UNAVAILABLE_REASON, tl, triton
 
 __all__ = ["UNAVAILABLE_REASON", "cross_entropy_triton"]
 
@@ -70,9 +70,6 @@ if triton is not None:
                      mask=ok)
 
 
-_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
 class _TritonCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, reuse_logits: bool) -> torch.Tensor:
@@ -94,7 +91,8 @@ class _TritonCrossEntropy(torch.autograd.Function):
         grad = logits if ctx.reuse_logits else torch.empty_like(logits)
         if rows:
             _backward_kernel[(rows,)](logits, target, lse, grad_loss, grad, vocab, logits.stride(0), grad.stride(0),
-                                      grad_loss.stride(0), BLOCK=BLOCK_V, KIND=_KIND[logits.dtype], num_warps=WARPS)
+                                      grad_loss.stride(0), BLOCK=BLOCK_V, KIND=ROUND_KIND[logits.dtype],
+                                      num_warps=WARPS)
         if ctx.reuse_logits:
             # The kernel's write is invisible to autograd: mark the logits modified, so that a second backward
             # through this graph is refused (its saved logits are gone) instead of reading the gradient as logits.
