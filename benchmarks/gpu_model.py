@@ -584,9 +584,9 @@ def _kernel_table(prof, iters: int, top: int) -> dict:
     }
 
 
-def _layer_and_bare_scan(batch: int, seqlen: int, with_layer: bool = False):
+def _layer_and_bare_scan(batch: int, seqlen: int):
     """The 800M-shaped MambaLayer's forward+backward and the bare ``mamba_chunk_scan_combined`` forward+backward on
-    the layer's scan shapes (bf16), as two closures (and the layer and its input with ``with_layer``)."""
+    the layer's scan shapes (bf16) as two closures, then the layer and its input."""
     torch.manual_seed(0)
     config = config_800m(num_layers=1, hybrid_override_pattern="M", params_dtype=torch.bfloat16)
     layer = MambaLayer(config, ParallelGroups.single()).cuda()
@@ -611,35 +611,24 @@ def _layer_and_bare_scan(batch: int, seqlen: int, with_layer: bool = False):
         kernels.mamba_chunk_scan_combined(x, dt, A, B, C, config.mamba_chunk_size, D=D, dt_bias=dt_bias,
                                           dt_softplus=True).backward(dy)
 
-    return (layer_fwd_bwd, scan_fwd_bwd, layer, hidden) if with_layer else (layer_fwd_bwd, scan_fwd_bwd)
+    return layer_fwd_bwd, scan_fwd_bwd, layer, hidden
 
 
-def host_only_ms(fn, iters: int = 20) -> float:
-    """Median host milliseconds of ``fn`` started on an idle GPU (its launches queue without waiting)."""
+def host_ms(fn, iters: int = 20, behind_spin: bool = False) -> float:
+    """Median host milliseconds of ``fn``, started on an idle GPU (its launches queue without waiting), or with
+    ``behind_spin`` while the GPU is held by a spin: the CPU cost of the call (Python, autograd, the Triton launcher
+    and the CUDA launches) with no waiting on the GPU."""
     fn()
+    torch.cuda.synchronize()
     times = []
     for _ in range(iters):
-        torch.cuda.synchronize()
+        if behind_spin:
+            torch.cuda._sleep(200_000_000)
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
     return round(sorted(times)[len(times) // 2], 4)
-
-
-def host_issue_ms(fn, iters: int = 10) -> float:
-    """Median host milliseconds to issue ``fn`` while the GPU is held by a spin: the CPU cost of the call (Python,
-    autograd, the Triton launcher and the CUDA launches) with no waiting on the GPU."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        torch.cuda._sleep(200_000_000)
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        torch.cuda.synchronize()
-    return round(sorted(times)[len(times) // 2], 3)
 
 
 def host_overhead(batch: int = 4, seqlen: int = 4096) -> dict:
@@ -653,7 +642,7 @@ def host_overhead(batch: int = 4, seqlen: int = 4096) -> dict:
     import triton
     import triton.language as tl
 
-    layer_fwd_bwd, scan_fwd_bwd, layer, hidden = _layer_and_bare_scan(batch, seqlen, with_layer=True)
+    layer_fwd_bwd, scan_fwd_bwd, layer, hidden = _layer_and_bare_scan(batch, seqlen)
     normed = layer.norm(hidden)
     buf = torch.zeros(16, device="cuda")
 
@@ -664,8 +653,9 @@ def host_overhead(batch: int = 4, seqlen: int = 4096) -> dict:
     segments = {"one Triton launch (2 args)": lambda: noop[(1,)](buf, 1), "one torch op (add_)": lambda: buf.add_(1),
                 "pre-norm forward": lambda: layer.norm(hidden), "in_proj forward": lambda: layer.mixer.in_proj(normed),
                 "layer forward": lambda: layer(hidden), "layer forward+backward": layer_fwd_bwd}
-    out = {f"host_ms[{name}]": host_only_ms(fn) for name, fn in segments.items()}
-    out |= {"layer_host_issue_ms": host_issue_ms(layer_fwd_bwd), "bare_scan_host_issue_ms": host_issue_ms(scan_fwd_bwd),
+    out = {f"host_ms[{name}]": host_ms(fn) for name, fn in segments.items()}
+    out |= {"layer_host_issue_ms": host_ms(layer_fwd_bwd, iters=10, behind_spin=True),
+            "bare_scan_host_issue_ms": host_ms(scan_fwd_bwd, iters=10, behind_spin=True),
            "layer_wall_ms_events": timed(layer_fwd_bwd), "bare_scan_wall_ms_events": timed(scan_fwd_bwd)}
     profiler = cProfile.Profile()
     iters = 10
@@ -695,7 +685,7 @@ def layer_breakdown(batch: int = 4, seqlen: int = 4096, iters: int = 5) -> dict:
     """Where one MambaLayer's forward + backward time goes at the 800M layer shape (bf16): torch.profiler with CUDA
     activity over ``iters`` iterations, kernels by total time, per category, and the same for the bare
     ``mamba_chunk_scan_combined`` on the layer's shapes, so the layer's excess over the bare scan is itemised."""
-    layer_fwd_bwd, scan_fwd_bwd = _layer_and_bare_scan(batch, seqlen)
+    layer_fwd_bwd, scan_fwd_bwd, _, _ = _layer_and_bare_scan(batch, seqlen)
     out: dict = {"layer_fwd_bwd_ms_events": timed(layer_fwd_bwd), "bare_scan_fwd_bwd_ms_events": timed(scan_fwd_bwd)}
     variants = (("layer", layer_fwd_bwd, 25), ("bare_scan", scan_fwd_bwd, 15))
     for label, fn, top in variants:
