@@ -229,19 +229,20 @@ _TRITON_CROSS_ENTROPY = ("megatron_hybrid.ops.triton_cross_entropy", "cross_entr
 
 
 def cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, *, reuse_logits: bool = False, backend: str = "auto"
+    logits: torch.Tensor, target: torch.Tensor, *, reuse_logits: bool = False, group=None, backend: str = "auto"
 ) -> torch.Tensor | None:
     """Per-token float32 cross entropy of ``logits`` [..., vocab] against ``target`` [...] through our Triton kernels
     (``ops.triton_cross_entropy``: one read of the logits forward, one read and write backward), or None where they
     do not apply: off CUDA, backend / ``MEGATRON_HYBRID_KERNELS`` "torch", other dtypes, or without triton; the caller
     (``parallel.cross_entropy``) then takes its torch path. ``reuse_logits``: the backward writes the gradient over
-    the logits (for a caller that owns them and does not read them after the loss)."""
+    the logits (for a caller that owns them and does not read them after the loss). ``group``: the tensor-parallel
+    group the vocabulary is split over (``logits`` is this rank's slice; collective), or None."""
     if _cuda_kernel_mode("cross_entropy", backend, logits) is None or logits.dtype not in _KERNEL_DTYPES:
         return None
     found = _own_kernel_quietly(_TRITON_CROSS_ENTROPY)
     if found is None:
         return None
-    return found[0](logits, target, reuse_logits)
+    return found[0](logits, target, reuse_logits, group)
 
 
 def ssd_chunk_scan(
@@ -862,7 +863,7 @@ def kernel_backend_info() -> dict[str, Any]:
         else "separate norm and linear",
         "greedy_tokens_and_feed": "triton (megatron_hybrid)" if info["triton_argmax"]["available"]
         else "torch max",
-        "cross_entropy": "triton (megatron_hybrid, tensor-parallel size 1)" if info["triton_cross_entropy"]["available"]
+        "cross_entropy": "triton (megatron_hybrid)" if info["triton_cross_entropy"]["available"]
         else "torch (chunked)",
     }
     if mode == "torch":

@@ -215,8 +215,8 @@ _CHUNK_ELEMENTS = 1 << 26
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Vocab-parallel cross entropy that keeps only the unscaled gradient, in the logits' dtype (the GPU path under
-    tensor parallelism, or without triton; at tensor-parallel size 1 ``ops.cross_entropy``'s kernels run instead).
+    """Vocab-parallel cross entropy that keeps only the unscaled gradient, in the logits' dtype (the GPU path without
+    triton; with it ``ops.cross_entropy``'s kernels run instead).
 
     The logits (bf16 under autocast) are upcast to float32 a chunk of tokens at a time, so neither a float32 copy of
     the [tokens, vocab] logits nor a float32 softmax is ever materialised. The forward already computes
@@ -285,10 +285,10 @@ def vocab_parallel_cross_entropy(
     ``target``, in value and gradient. Every target must be a valid id in ``[0, vocab)``; positions to ignore are
     handled by the caller's loss mask (there is no ``ignore_index``). The loss is float32 whatever the logits'
     dtype. Collective over ``groups.tp``. Pass bf16 logits as they are: the upcast happens here (chunk-wise on CUDA,
-    see ``_ChunkedCrossEntropy``), so the caller never needs a float32 copy of the logits. On CUDA at tensor-parallel
-    size 1 it is our Triton cross entropy (``ops.cross_entropy``; 2 passes over the logits instead of ~10), where
-    ``reuse_logits`` lets its backward write the gradient over the logits: pass it only if nothing reads them after
-    the loss (the model's own logits).
+    see ``_ChunkedCrossEntropy``), so the caller never needs a float32 copy of the logits. On CUDA it is our Triton
+    cross entropy (``ops.cross_entropy``; 2 passes over the logits instead of ~10, one all-gather of two numbers per
+    token under tensor parallelism), where ``reuse_logits`` lets its backward write the gradient over the logits:
+    pass it only if nothing reads them after the loss (the model's own logits).
     """
     if label_smoothing != 0.0:
         raise NotImplementedError("vocab_parallel_cross_entropy supports label_smoothing=0.0 only")
@@ -297,11 +297,11 @@ def vocab_parallel_cross_entropy(
             f"logits {tuple(logits_local.shape)} and target {tuple(target.shape)} disagree on the leading dims"
         )
     if logits_local.is_cuda:
-        if groups.tp_size == 1:
-            loss = fused_cross_entropy(logits_local, target, reuse_logits=reuse_logits)
-            if loss is not None:
-                return loss
-        # Memory first on the GPU: float32 math chunk by chunk, only a logits-dtype gradient saved.
+        loss = fused_cross_entropy(logits_local, target, reuse_logits=reuse_logits,
+                                   group=groups.tp if groups.tp_size > 1 else None)
+        if loss is not None:
+            return loss
+        # Without triton. Memory first on the GPU: float32 math chunk by chunk, only a logits-dtype gradient saved.
         return _ChunkedCrossEntropy.apply(logits_local, target, groups.tp)
     if groups.tp_size == 1:
         return _LocalCrossEntropy.apply(logits_local.float(), target)

@@ -14,7 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpreter import fresh_process_test, interpret_if_possible, interpreted_kernel_modules, interpreter_only
+from triton_interpreter import (
+    fresh_process_test,
+    import_interpreted,
+    interpret_if_possible,
+    interpreted_kernel_modules,
+    interpreter_only,
+)
+
+from megatron_hybrid.parallel.state import initialize_parallel_groups
+from megatron_hybrid.parallel.testing import run_distributed
 
 interpret_if_possible()
 triton = pytest.importorskip(
@@ -123,3 +132,46 @@ def test_bad_targets_are_named(tce):
         tce.cross_entropy_triton(logits, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="must share a device"):
         tce.cross_entropy_triton(logits, torch.zeros(4, 3, dtype=torch.long, device="meta"))
+
+
+def _vocab_parallel_worker(rank: int, world_size: int) -> list[str]:
+    """One rank of a vocab-parallel run: its slice of each case's logits through the kernels (interpreted: this process
+    imports the module afresh) against the float64 loss and the matching slice of the float64 gradient. Returns what
+    failed."""
+    groups = initialize_parallel_groups(tp=world_size)
+    module = import_interpreted("megatron_hybrid.ops.triton_cross_entropy")
+    module.BLOCK_V = 64  # two blocks per slice row, the last partial
+    rows, local_vocab = 6, 90
+    vocab = local_vocab * world_size
+    part = slice(rank * local_vocab, (rank + 1) * local_vocab)
+    failures = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for reuse in (False, True):
+            logits = _logits(rows, vocab, dtype, seed=11)
+            target = torch.tensor([0, local_vocab - 1, local_vocab, vocab - 1, 45, vocab // 2 + 7])  # slice ends
+            grad_loss = torch.linspace(-1.5, 2.0, rows)
+            want_loss, want_grad = _reference(logits, target, grad_loss)
+            leaf = logits[:, part].clone().requires_grad_()
+            loss = module.cross_entropy_triton(leaf * 1 if reuse else leaf, target, reuse_logits=reuse,
+                                               group=groups.tp)
+            loss.backward(grad_loss)
+            case = f"rank {rank} {dtype} reuse={reuse}"
+            if (loss.double() - want_loss).abs().max().item() > 2e-6 * max(1.0, want_loss.abs().max().item()):
+                failures.append(f"{case}: loss {loss.tolist()} != {want_loss.tolist()}")
+            want = want_grad[:, part]
+            ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0
+            if not ((leaf.grad.double() - want).abs() <= ulp * want.abs() + 1e-6).all():
+                failures.append(f"{case}: gradient off by {(leaf.grad.double() - want).abs().max().item():.3g}")
+    outside = module.cross_entropy_triton(_logits(3, vocab, torch.float32, seed=12)[:, part],
+                                          torch.tensor([5, vocab, -1]), group=groups.tp)
+    if not (torch.isfinite(outside[0]) and torch.isnan(outside[1:]).all()):
+        failures.append(f"rank {rank}: ids outside the vocabulary gave {outside.tolist()}, not NaN")
+    return failures
+
+
+@needs_interpreter
+def test_vocab_parallel_slices_match_the_whole_vocabulary():
+    """Two gloo ranks, each with half of the vocabulary: every rank's loss is the whole row's, and its gradient is its
+    slice of the whole gradient (targets on the first and last id of each slice, in either half)."""
+    failures = [f for rank in run_distributed(_vocab_parallel_worker, 2, timeout=180) for f in rank]
+    assert not failures, "\n".join(failures)
