@@ -21,6 +21,10 @@
 5. Training-step throughput of the 800M configuration (the peers' shape: vocab 256000 untied, pattern of 48 layers):
    forward + backward + fused AdamW under bf16 autocast with fp32 parameters, tokens/s, model TFLOP/s and MFU.
    ``--parts train_breakdown``: the step's kernels (top 30 and per category) and the GPU's idle time, at batch 4.
+6. CUDA graphs (``--parts graphs``): the layer's forward+backward replayed from CUDA graphs
+   (``training.cuda_graphs``, what ``--enable-cuda-graph`` does in training) against the eager layer, the bare
+   mamba_ssm scan called as its users call it and the bare scan graphed the same way (both kernel-bound: the layer's
+   kernels against the scan's); the 800M training step with graphed layers against the eager step (``--batches``).
 
 Parts run in the order given to ``--parts``; each is wrapped so that a failure prints and the next part still runs.
 Prints JSON and writes it to $OUT/gpu_model.json when $OUT is set. Needs mamba_ssm's Triton kernels on PYTHONPATH.
@@ -52,6 +56,7 @@ from megatron_hybrid.ops.mamba_ssm_loader import load_mamba_ssm_kernels  # noqa:
 from megatron_hybrid.ops.ssd import ssd_chunk_scan_ref  # noqa: E402
 from megatron_hybrid.ops.triton_ssd import ssd_chunk_scan_triton  # noqa: E402
 from megatron_hybrid.parallel.state import ParallelGroups  # noqa: E402
+from megatron_hybrid.training.cuda_graphs import LayerGraphs, enable_layer_graphs  # noqa: E402
 
 PATTERN_800M = "M-M-M--M-*M-M-M-M--*M-M-M-M-*M--M-M-M-*M-M--M-M-"
 RESULTS: dict = {}
@@ -261,8 +266,11 @@ def train_step_breakdown(batch: int = 4, seqlen: int = 4096, iters: int = 2) -> 
     return out
 
 
-def train_step_throughput(batch: int, seqlen: int = 4096, peak_tflops: float = 989.0) -> dict:
+def train_step_throughput(batch: int, seqlen: int = 4096, peak_tflops: float = 989.0,
+                          cuda_graph: bool = False) -> dict:
     config, model, step = _train_step_800m(batch, seqlen)
+    if cuda_graph:
+        enable_layer_graphs(model)
     ms = timed(step, warmup=2, iters=5)
     tokens_per_s = batch * seqlen / ms * 1e3
     tflops = model_flops_per_token(config, seqlen) * tokens_per_s / 1e12
@@ -614,6 +622,57 @@ def _layer_and_bare_scan(batch: int, seqlen: int):
     return layer_fwd_bwd, scan_fwd_bwd, layer, hidden
 
 
+def layer_graphs(batch: int = 4, seqlen: int = 4096) -> dict:
+    """The 800M-shaped MambaLayer's forward+backward eager and replayed from CUDA graphs, against the bare mamba_ssm
+    scan eager and graphed (wall time with CUDA events), with the graphed layer's outputs and gradients checked
+    against the eager layer's."""
+    layer_fwd_bwd, scan_fwd_bwd, layer, hidden = _layer_and_bare_scan(batch, seqlen)
+    grad_out = torch.randn_like(hidden)
+    out = {"layer_fwd_bwd_ms[eager]": timed(layer_fwd_bwd), "bare_scan_fwd_bwd_ms[eager]": timed(scan_fwd_bwd)}
+
+    def grads(run) -> list[torch.Tensor]:
+        for tensor in [hidden, *layer.parameters()]:
+            tensor.grad = None
+        result = run()
+        result.backward(grad_out)
+        return [result.detach().clone(), hidden.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+
+    graphs = LayerGraphs([layer])
+    assert graphs.applies(hidden)  # captures
+    eager, replayed = grads(lambda: layer(hidden)), grads(lambda: graphs(hidden))
+    out["graphed_vs_eager_worst_rel_err"] = max(_rel_err(r, e) for r, e in zip(replayed, eager))
+
+    def graphed_fwd_bwd():
+        graphs(hidden).backward(grad_out)
+
+    out["layer_fwd_bwd_ms[graphed]"] = timed(graphed_fwd_bwd)
+    # The bare scan graphed the same way: its inputs are the closure's leaves, rebuilt here as sample arguments.
+    kernels = load_mamba_ssm_kernels()
+    torch.manual_seed(0)
+    h, p, g, n = 32, 64, 8, 128
+    leaves = [torch.randn(batch, seqlen, h, p), torch.randn(batch, seqlen, h), -torch.rand(h) * 15 - 1,
+              torch.randn(batch, seqlen, g, n), torch.randn(batch, seqlen, g, n), torch.ones(h), torch.zeros(h)]
+    dtypes = [torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16,
+              torch.bfloat16]
+    leaves = tuple(t.to("cuda", dtype).requires_grad_() for t, dtype in zip(leaves, dtypes))
+
+    def scan(x, dt, A, B, C, D, dt_bias):
+        return kernels.mamba_chunk_scan_combined(x, dt, A, B, C, 128, D=D, dt_bias=dt_bias, dt_softplus=True)
+
+    graphed_scan = torch.cuda.make_graphed_callables(scan, leaves)
+    dy = torch.randn_like(leaves[0])
+
+    def graphed_scan_fwd_bwd():
+        graphed_scan(*leaves).backward(dy)
+
+    out["bare_scan_fwd_bwd_ms[graphed]"] = timed(graphed_scan_fwd_bwd)
+    for layer_kind in ("eager", "graphed"):
+        for scan_kind in ("eager", "graphed"):
+            out[f"layer[{layer_kind}]_over_bare_scan[{scan_kind}]_pct"] = round(
+                100 * (out[f"layer_fwd_bwd_ms[{layer_kind}]"] / out[f"bare_scan_fwd_bwd_ms[{scan_kind}]"] - 1), 1)
+    return out
+
+
 def host_ms(fn, iters: int = 20, behind_spin: bool = False) -> float:
     """Median host milliseconds of ``fn``, started on an idle GPU (its launches queue without waiting), or with
     ``behind_spin`` while the GPU is held by a spin: the CPU cost of the call (Python, autograd, the Triton launcher
@@ -766,7 +825,7 @@ def memory_breakdown(batch: int = 1, seqlen: int = 4096) -> dict:
     }
 
 
-PARTS = ("conv", "ssd", "breakdown", "host", "layer", "parity", "memory", "train", "train_breakdown")
+PARTS = ("conv", "ssd", "breakdown", "host", "layer", "parity", "memory", "train", "train_breakdown", "graphs")
 
 
 def main() -> None:
@@ -779,7 +838,8 @@ def main() -> None:
                              "breakdown: profiler kernel table of one MambaLayer fwd+bwd vs the bare scan; host: "
                              "host (CPU) time to issue the layer and the bare scan, and its hot spots; layer: "
                              "layer vs bare scan timings; parity: fast path vs reference; memory; train: 800M steps; "
-                             "train_breakdown: kernel table of an 800M step (batch 4)")
+                             "train_breakdown: kernel table of an 800M step (batch 4); graphs: the layer and the "
+                             "bare scan replayed from CUDA graphs, and 800M steps with graphed layers")
     parser.add_argument("--batches", default="2,4", help="batch sizes of the train part")
     parser.add_argument("--ssd-sweep", action="store_true", help="ssd part: also sweep our scan kernels' settings")
     args = parser.parse_args()
@@ -811,6 +871,11 @@ def main() -> None:
         elif name == "train":
             for batch in (int(b) for b in args.batches.split(",")):
                 part(f"train_800m_b{batch}")(lambda batch=batch: train_step_throughput(batch))
+        elif name == "graphs":
+            part("layer_graphs")(layer_graphs)
+            for batch in (int(b) for b in args.batches.split(",")):
+                part(f"train_800m_b{batch}_graphed")(
+                    lambda batch=batch: train_step_throughput(batch, cuda_graph=True))
     text = json.dumps(RESULTS, indent=1)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_model.json"), "w") as f:

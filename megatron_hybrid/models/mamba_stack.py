@@ -59,6 +59,9 @@ class MambaStack(nn.Module):
         if post_process:
             self.final_norm = build_norm(submodules.final_norm, config)
         self.fused_residual_decode = True
+        # CUDA graphs of the layers for training (megatron_hybrid.training.cuda_graphs.enable_layer_graphs): an
+        # object with ``applies(hidden, seq_idx, position_ids)`` and a call that runs every layer.
+        self.layer_graphs = None
         self._carry_check: tuple[tuple[type, ...], bool] | None = None
 
     @property
@@ -93,10 +96,14 @@ class MambaStack(nn.Module):
             and self.carries_residual
         ):
             return self._decode_carrying_residual(hidden_states, seq_idx, position_ids, inference_context)
-        for layer in self.layers.values():
-            hidden_states = layer(
-                hidden_states, seq_idx=seq_idx, position_ids=position_ids, inference_context=inference_context
-            )
+        graphs = self.layer_graphs
+        if graphs is not None and inference_context is None and graphs.applies(hidden_states, seq_idx, position_ids):
+            hidden_states = graphs(hidden_states, seq_idx, position_ids)
+        else:
+            for layer in self.layers.values():
+                hidden_states = layer(
+                    hidden_states, seq_idx=seq_idx, position_ids=position_ids, inference_context=inference_context
+                )
         if self.final_norm is not None:
             # A float32 residual stream (residual_in_fp32) is read in the working precision, as each layer's norm does.
             hidden_states = self.final_norm(hidden_states.to(self.final_norm.weight.dtype))

@@ -304,6 +304,10 @@ class TrainingConfig:
     # -- mixed precision
     bf16: bool = cli_field(False, "bf16 compute (autocast) with fp32 master weights and optimizer states")
     fp16: bool = cli_field(False, "not supported (use --bf16); accepted only to give a clear error")
+    # -- performance
+    enable_cuda_graph: bool = cli_field(
+        False, "run each hybrid layer's forward and backward as a CUDA graph replay (captured at the first step; "
+               "CUDA only, tensor- and pipeline-parallel size 1)")
     # -- data
     data_path: list[str] | None = cli_field(None, "prefix, or weighted blend 'w1 prefix1 w2 prefix2 ...'")
     split: str = cli_field("969,30,1", "train,valid,test proportions of the documents, e.g. 99,1,0")
@@ -798,6 +802,11 @@ def _validate(values: dict[str, Any], source: dict[str, str], notes: list[str]) 
     if values["context_parallel_size"] and values["context_parallel_size"] > 1:
         errors.append("--context-parallel-size > 1 is not implemented (context parallelism is not supported; "
                       "tensor, pipeline and data parallelism are); use 1")
+    if values["enable_cuda_graph"]:
+        for dest in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if values[dest] is not None and values[dest] > 1:
+                errors.append(f"--enable-cuda-graph needs {flag(dest)} 1 (got {values[dest]}): the layer graphs "
+                              "hold no collectives and one micro-batch in flight")
     if values["weight_decay_incr_style"] == "constant":
         for dest in ("start_weight_decay", "end_weight_decay"):
             if values[dest] is not None:

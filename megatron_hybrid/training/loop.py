@@ -63,6 +63,7 @@ from megatron_hybrid.parallel.pipeline import (
 from megatron_hybrid.parallel.state import ParallelGroups, init_distributed, initialize_parallel_groups
 from megatron_hybrid.parallel.tied_embeddings import sync_tied_embedding_weights
 from megatron_hybrid.training.arguments import ConfigError, ResolvedRun, RunConfig, parse_args, resolve
+from megatron_hybrid.training.cuda_graphs import enable_layer_graphs
 from megatron_hybrid.training.data import build_datasets, micro_batches
 from megatron_hybrid.training.flops import peak_tflops_for_device, training_flops_per_step
 from megatron_hybrid.training.lr_scheduler import OptimizerParamScheduler
@@ -418,6 +419,10 @@ def _pretrain(run: RunConfig, env: _Env, on_iteration: Callable[[dict[str, Any]]
     optimizer = TrainOptimizer(model, groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                distributed=run.parallel.use_distributed_optimizer)
     scheduler = _build_scheduler(run, resolved)
+    if t.enable_cuda_graph:
+        if env.device.type != "cuda":
+            raise ConfigError(f"--enable-cuda-graph needs a CUDA device; this run is on {env.device.type}")
+        enable_layer_graphs(model)
     n_params = sum(p.numel() for p in model.parameters())
     stage = "" if groups.pp_size == 1 else f", pipeline stage 0 holds layers {model.decoder.layer_range}"
     _print0(env, f"> model: {config.layer_pattern} ({n_params / 1e6:.2f}M parameters on this rank{stage}), vocab "

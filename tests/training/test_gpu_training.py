@@ -36,3 +36,18 @@ def test_bf16_training_resume_on_cuda(cuda, tmp_path) -> None:
     resumed = pretrain(run_flags(data, iters=25, micro=4, global_batch=8, seq=256,
                                  extra=extra + ["--load", str(save)]))
     assert resumed.history[0]["iteration"] == 25 and math.isfinite(resumed.history[0]["lm_loss"])
+
+
+def test_cuda_graph_training_follows_eager_training(cuda, tmp_path) -> None:
+    """--enable-cuda-graph through the whole loop (gradient accumulation of 2, evaluation in between, which runs the
+    layers eagerly): the same losses as the eager run, step by step, and the same weights at the end."""
+    data = write_byte_dataset(tmp_path / "stdlib")
+    extra = ["--bf16", "--eval-iters", "1", "--eval-interval", "3"]
+    eager = pretrain(run_flags(data, iters=6, micro=2, global_batch=4, seq=256, extra=extra))
+    graphed = pretrain(run_flags(data, iters=6, micro=2, global_batch=4, seq=256,
+                                 extra=extra + ["--enable-cuda-graph"]))
+    assert graphed.model.decoder.layer_graphs.captured
+    for e, g in zip(eager.history, graphed.history, strict=True):
+        assert abs(g["lm_loss"] - e["lm_loss"]) <= 1e-5 * abs(e["lm_loss"]), (e, g)
+    for (name, p_e), p_g in zip(eager.model.named_parameters(), graphed.model.parameters()):
+        assert torch.allclose(p_g, p_e, rtol=1e-5, atol=1e-6), name

@@ -12,10 +12,19 @@ from training_helpers import BYTE_VOCAB, TINY_MODEL_FLAGS, data_flags, run_flags
 
 import megatron_hybrid.training.loop as loop_module
 from megatron_hybrid.checkpoint import load_checkpoint
+from megatron_hybrid.config import HybridConfig
 from megatron_hybrid.models.mamba_model import MambaModel
 from megatron_hybrid.parallel.sharding import gather_full_state_dict
 from megatron_hybrid.parallel.testing import run_distributed
-from megatron_hybrid.training import TrainingAborted, TrainOptimizer, parse_args, pretrain, weight_decay_groups
+from megatron_hybrid.training import (
+    ConfigError,
+    TrainingAborted,
+    TrainOptimizer,
+    parse_args,
+    pretrain,
+    weight_decay_groups,
+)
+from megatron_hybrid.training.cuda_graphs import LayerGraphs, enable_layer_graphs
 
 
 @pytest.fixture(autouse=True)
@@ -186,3 +195,54 @@ def test_finetune_exit_interval_and_missing_checkpoint(byte_data: str, tmp_path)
     with pytest.raises(TrainingAborted, match="holds no checkpoint"):
         pretrain(run_flags(byte_data, iters=2, extra=["--load", str(tmp_path / "none"),
                                                       "--exit-on-missing-checkpoint"]), verbose=False)
+
+
+def test_cuda_graphs_are_refused_on_cpu(byte_data: str) -> None:
+    with pytest.raises(ConfigError, match="--enable-cuda-graph needs a CUDA device; this run is on cpu"):
+        pretrain(run_flags(byte_data, iters=2, extra=["--enable-cuda-graph"]), verbose=False)
+    model = MambaModel(HybridConfig(num_layers=2, hybrid_override_pattern="M-", hidden_size=32, vocab_size=64,
+                                    ffn_hidden_size=64, mamba_state_dim=16, mamba_head_dim=8, mamba_num_groups=2))
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device; it is on cpu"):
+        enable_layer_graphs(model)
+    assert model.decoder.layer_graphs is None
+
+
+def test_layer_graphs_give_parameters_gradients_to_accumulate_into() -> None:
+    """A graph's backward hands out parameter gradients as views of its static buffers; autograd keeps such a view as
+    ``.grad`` when ``.grad`` is empty, and the next micro-batch's replay overwrites it before adding (the CUDA run of
+    test_cuda_graph_training_follows_eager_training caught exactly that). ``LayerGraphs`` therefore fills every missing
+    ``.grad`` with zeros before a replay. Here both halves on CPU: the aliasing itself, with a stand-in backward that
+    returns a view of one static buffer, and the fill (existing gradients untouched)."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    static = torch.zeros(3)
+
+    class StaticGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            static.copy_(grad)  # what a backward graph's replay does
+            return grad, static.detach()
+
+    def accumulate() -> list[float]:
+        for value in (1.0, 2.0):
+            StaticGradient.apply(torch.full((3,), value, requires_grad=True), weight).backward(torch.full((3,), value))
+        return weight.grad.tolist()
+
+    assert accumulate() == [4.0] * 3  # 2 + 2: the first micro-batch's gradient was overwritten
+    weight.grad = torch.zeros(3)
+    assert accumulate() == [3.0] * 3
+
+    model = MambaModel(HybridConfig(num_layers=2, hybrid_override_pattern="M-", hidden_size=32, vocab_size=64,
+                                    ffn_hidden_size=64, mamba_state_dim=16, mamba_head_dim=8, mamba_num_groups=2))
+    graphs = LayerGraphs(list(model.decoder.layers.values()))
+    kept = torch.full_like(model.decoder.layers["1"].mlp.linear_fc1.weight, 7.0)
+    model.decoder.layers["1"].mlp.linear_fc1.weight.grad = kept
+    graphs._give_parameters_gradients()
+    params = [p for layer in model.decoder.layers.values() for p in layer.parameters()]
+    filled = [p.grad for p in params if p.grad is not kept]
+    assert len(filled) == len(params) - 1 and all(g is not None and not g.any() for g in filled)
+    assert len({g.untyped_storage().data_ptr() for g in filled}) == 1  # one buffer (per dtype; all float32 here)
+    assert torch.equal(model.decoder.layers["1"].mlp.linear_fc1.weight.grad, torch.full_like(kept, 7.0))
