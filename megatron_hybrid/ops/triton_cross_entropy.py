@@ -15,10 +15,10 @@ backward: ~10 passes over the logits' size, 60-70 ms of a 280 ms training step o
 
 Under tensor parallelism each rank holds a slice ``[vocab_start, vocab_start + vocab_local)`` of the vocabulary
 (Megatron's vocab-parallel output layer): the forward kernel then keeps the slice's own ``logsumexp`` and the target
-logit where the slice owns the target (0 elsewhere); one all-gather of these two per-token numbers gives every rank
-the row's ``logsumexp`` (a logsumexp over the ranks' values) and target logit (a sum), and the backward kernel is the
-same with the slice's offset (no communication). Megatron's path for the same job runs ~10 passes over the slice and
-two all-reduces.
+logit where the slice owns the target (0 elsewhere); two all-reduces of per-token numbers (the max of the slices'
+``logsumexp``, then the sums of their exponentials and of the target logits) give every rank the row's ``logsumexp``
+and target logit, and the backward kernel is the same with the slice's offset (no communication). Megatron's path
+makes the same two all-reduces but ~10 passes over the slice.
 
 Same value as ``F.cross_entropy(full_logits.float(), target, reduction="none")``. Importing this module never fails:
 without triton ``UNAVAILABLE_REASON`` says why. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests).
@@ -98,13 +98,15 @@ class _TritonCrossEntropy(torch.autograd.Function):
         if slices == 1:
             loss = out
         else:
-            stats = torch.stack([lse, out])  # [2, rows]: this slice's logsumexp and target logit
-            gathered = [torch.empty_like(stats) for _ in range(slices)]
-            dist.all_gather(gathered, stats, group=group)
-            everything = torch.stack(gathered)  # [slices, 2, rows]
-            lse = torch.logsumexp(everything[:, 0], dim=0)
+            # The row's logsumexp from the slices' (shifted by their max, so no exp overflows) and its target logit
+            # (one slice's value, zeros elsewhere). All-reduces only: gloo has them for CUDA tensors too.
+            row_max = lse.clone()
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+            stats = torch.stack([torch.exp(lse - row_max), out])
+            dist.all_reduce(stats, group=group)
+            lse = row_max + torch.log(stats[0])
             valid = (target >= 0) & (target < vocab_local * slices)
-            loss = torch.where(valid, lse - everything[:, 1].sum(dim=0), float("nan"))
+            loss = torch.where(valid, lse - stats[1], float("nan"))
         ctx.save_for_backward(logits, target, lse)
         ctx.reuse_logits = reuse_logits
         ctx.vocab_start = vocab_start

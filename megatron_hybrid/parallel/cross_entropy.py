@@ -286,8 +286,8 @@ def vocab_parallel_cross_entropy(
     handled by the caller's loss mask (there is no ``ignore_index``). The loss is float32 whatever the logits'
     dtype. Collective over ``groups.tp``. Pass bf16 logits as they are: the upcast happens here (chunk-wise on CUDA,
     see ``_ChunkedCrossEntropy``), so the caller never needs a float32 copy of the logits. On CUDA it is our Triton
-    cross entropy (``ops.cross_entropy``; 2 passes over the logits instead of ~10, one all-gather of two numbers per
-    token under tensor parallelism), where ``reuse_logits`` lets its backward write the gradient over the logits:
+    cross entropy (``ops.cross_entropy``; 2 passes over the logits instead of ~10, two small all-reduces per
+    call under tensor parallelism), where ``reuse_logits`` lets its backward write the gradient over the logits:
     pass it only if nothing reads them after the loss (the model's own logits).
     """
     if label_smoothing != 0.0:
