@@ -159,7 +159,7 @@ class MambaModel(nn.Module):
         if labels is not None and groups.tp_size == 1 and hidden_states.device.type == "cpu":
             # Output layer and loss fused: the [s, b, vocab] logits are never materialised as a separate tensor.
             # CPU only: its float32 slice-by-slice matmuls would bypass autocast's bf16 tensor cores on a GPU, where
-            # the chunked vocab_parallel_cross_entropy below keeps the memory down instead.
+            # vocab_parallel_cross_entropy below (Triton kernels, else chunked) keeps the memory down instead.
             loss = linear_cross_entropy(
                 hidden_states, self.output_weight, labels.transpose(0, 1), self._logits_workspace
             )
