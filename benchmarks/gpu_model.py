@@ -604,22 +604,30 @@ def _layer_and_bare_scan(batch: int, seqlen: int):
     def layer_fwd_bwd():
         layer(hidden).backward(grad_out)
 
-    kernels = load_mamba_ssm_kernels()
-    h, p, g, n = config.mamba_num_heads, config.mamba_head_dim, config.mamba_num_groups, config.mamba_state_dim
-    x = torch.randn(batch, seqlen, h, p, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dt = torch.randn(batch, seqlen, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    A = (-torch.rand(h, device="cuda") * 15 - 1).requires_grad_()
-    B = torch.randn(batch, seqlen, g, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    C = torch.randn(batch, seqlen, g, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    D = torch.ones(h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dt_bias = torch.zeros(h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn_like(x)
+    scan, leaves = _bare_scan(batch, seqlen, config)
+    dy = torch.randn_like(leaves[0])
 
     def scan_fwd_bwd():
-        kernels.mamba_chunk_scan_combined(x, dt, A, B, C, config.mamba_chunk_size, D=D, dt_bias=dt_bias,
-                                          dt_softplus=True).backward(dy)
+        scan(*leaves).backward(dy)
 
     return layer_fwd_bwd, scan_fwd_bwd, layer, hidden
+
+
+def _bare_scan(batch: int, seqlen: int, config: HybridConfig):
+    """mamba_ssm's ``mamba_chunk_scan_combined`` on the layer's scan shapes as a function of its differentiable
+    inputs ``(x, dt, A, B, C, D, dt_bias)``, and those inputs (bf16 leaves, A float32)."""
+    kernels = load_mamba_ssm_kernels()
+    h, p, g, n = config.mamba_num_heads, config.mamba_head_dim, config.mamba_num_groups, config.mamba_state_dim
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    leaves = (torch.randn(batch, seqlen, h, p, **bf16), torch.randn(batch, seqlen, h, **bf16),
+              -torch.rand(h, device="cuda") * 15 - 1, torch.randn(batch, seqlen, g, n, **bf16),
+              torch.randn(batch, seqlen, g, n, **bf16), torch.ones(h, **bf16), torch.zeros(h, **bf16))
+
+    def scan(x, dt, A, B, C, D, dt_bias):
+        return kernels.mamba_chunk_scan_combined(x, dt, A, B, C, config.mamba_chunk_size, D=D, dt_bias=dt_bias,
+                                                 dt_softplus=True)
+
+    return scan, tuple(t.requires_grad_() for t in leaves)
 
 
 def layer_graphs(batch: int = 4, seqlen: int = 4096) -> dict:
@@ -646,19 +654,8 @@ def layer_graphs(batch: int = 4, seqlen: int = 4096) -> dict:
         graphs(hidden).backward(grad_out)
 
     out["layer_fwd_bwd_ms[graphed]"] = timed(graphed_fwd_bwd)
-    # The bare scan graphed the same way: its inputs are the closure's leaves, rebuilt here as sample arguments.
-    kernels = load_mamba_ssm_kernels()
-    torch.manual_seed(0)
-    h, p, g, n = 32, 64, 8, 128
-    leaves = [torch.randn(batch, seqlen, h, p), torch.randn(batch, seqlen, h), -torch.rand(h) * 15 - 1,
-              torch.randn(batch, seqlen, g, n), torch.randn(batch, seqlen, g, n), torch.ones(h), torch.zeros(h)]
-    dtypes = [torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16,
-              torch.bfloat16]
-    leaves = tuple(t.to("cuda", dtype).requires_grad_() for t, dtype in zip(leaves, dtypes))
-
-    def scan(x, dt, A, B, C, D, dt_bias):
-        return kernels.mamba_chunk_scan_combined(x, dt, A, B, C, 128, D=D, dt_bias=dt_bias, dt_softplus=True)
-
+    # The bare scan graphed the same way, its inputs as the sample arguments.
+    scan, leaves = _bare_scan(batch, seqlen, layer.mixer.config)
     graphed_scan = torch.cuda.make_graphed_callables(scan, leaves)
     dy = torch.randn_like(leaves[0])
 

@@ -16,8 +16,8 @@ Every op takes ``backend="auto" | "torch" | "triton"``:
 
 ``mamba_decode_fused`` (a Mamba mixer's whole decode step between its projections, ``ops.triton_decode``) follows the
 same rules but answers None instead of running a reference: its reference is the composition of the other ops. So do
-``mamba_span`` (the training span between a mixer's projections) and ``cross_entropy`` (the loss of tensor-parallel
-size 1 on CUDA; ``parallel.cross_entropy`` holds its torch paths).
+``mamba_span`` (the training span between a mixer's projections) and ``cross_entropy`` (the training loss on CUDA,
+vocab-parallel too; ``parallel.cross_entropy`` holds its torch paths).
 
 All dispatch targets implement the same semantics (those of mamba_ssm / causal_conv1d, documented in the reference
 modules), including ``seq_idx``: it is converted to monotone segment ids (``_common.segment_ids``) before reaching a

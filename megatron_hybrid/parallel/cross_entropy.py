@@ -297,8 +297,7 @@ def vocab_parallel_cross_entropy(
             f"logits {tuple(logits_local.shape)} and target {tuple(target.shape)} disagree on the leading dims"
         )
     if logits_local.is_cuda:
-        loss = fused_cross_entropy(logits_local, target, reuse_logits=reuse_logits,
-                                   group=groups.tp if groups.tp_size > 1 else None)
+        loss = fused_cross_entropy(logits_local, target, reuse_logits=reuse_logits, group=groups.tp)
         if loss is not None:
             return loss
         # Without triton. Memory first on the GPU: float32 math chunk by chunk, only a logits-dtype gradient saved.
