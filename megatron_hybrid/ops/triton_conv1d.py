@@ -16,10 +16,16 @@ Forward: one program per ``[BLOCK_L, BLOCK_D]`` output tile, ``w`` shifted loads
 hits). The pre-activation is never saved: the backward recomputes it from ``x`` (a view of ``in_proj``'s output, which
 the scan and the norm keep alive anyway). Backward, in two passes: pass 1 walks ``BWD_ROWS_PER_PROGRAM`` output rows
 of a channel block, recomputes the pre-activation once per element, writes ``dpre = dout * silu'(pre)`` to a
-``[b, l, d]`` buffer (``DPRE_DTYPE``, float32) and accumulates the weight and bias gradients; pass 2 computes ``dx``
-from ``w`` shifted loads of ``dpre`` (or of ``dout`` itself without activation). Memory-bound: ~50 instructions per
-element in pass 1 (ptxas, sm_90). A single-pass variant that recomputed the pre-activation at each of the ``w`` shifts
-(no buffer, ~135 instructions per element) measured slower on the H200 (0.50 vs 0.39 ms) and was dropped.
+``[b, l, d]`` buffer (``DPRE_DTYPE``: by default ``x``'s dtype) and accumulates the weight and bias gradients; pass 2
+computes ``dx`` from ``w`` shifted loads of ``dpre`` (or of ``dout`` itself without activation). Memory-bound: ~50
+instructions per element in pass 1 (ptxas, sm_90). Two single-pass variants measured slower and were dropped: one
+recomputing the pre-activation at each of the ``w`` shifts (no buffer, ~135 instructions per element; H200 0.50 vs
+0.39 ms), and one passing each tile's dpre to the next through a two-tile float32 ring per program in L2, with
+barriers (H100 0.48 vs 0.43 ms).
+
+``dpre`` is stored in ``x``'s dtype: for bf16 that is one more rounding (of the value ``dx`` is a 4-term sum of, just
+as PyTorch's own bf16 autograd of SiLU then conv rounds it) and saves a quarter of the backward's memory traffic
+(0.43 -> 0.34 ms on an H100 at the 800M layer shape). ``DPRE_DTYPE = torch.float32`` keeps it exact.
 
 The weight and bias gradients are accumulated per tap in registers, reduced once per program into float32
 partials, and finished with one ``sum`` (deterministic: no atomics). The first version shifted ``dpre`` between threads
@@ -46,12 +52,13 @@ MAX_WIDTH = 8  # taps are unrolled at compile time (and the backward has 8 named
 # the weight-gradient reduction order depends on the tiles, and a timing-dependent choice would make gradients differ
 # from run to run.
 # Values: the fastest of the sweep on an H200 at the 800M layer shape (b4, L4096, 4096 channels, bf16; 2026-11-22):
-# forward 0.109 ms, backward 0.394 ms, from 0.17 / 1.48 ms before.
+# forward 0.109 ms, backward 0.394 ms, from 0.17 / 1.48 ms before; on an H100 (2026-12-07, dpre in bf16): forward
+# 0.121 ms, backward 0.328 ms with 1024 rows per backward program (512: 0.339 ms).
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 16, 128, 4
 BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS = 16, 32, 2  # pass 1 of the backward; ptxas sm_90: no spills
-BWD_ROWS_PER_PROGRAM = 512  # sequence positions one backward program walks (bounds the weight-grad partials)
+BWD_ROWS_PER_PROGRAM = 1024  # sequence positions one backward program walks (bounds the weight-grad partials)
 DX_BLOCK_L, DX_BLOCK_D, DX_WARPS = 32, 128, 4  # pass 2 of the backward
-DPRE_DTYPE = torch.float32
+DPRE_DTYPE: torch.dtype | None = None  # the dtype of pass 1's dpre buffer; None: x's dtype
 
 
 @triton.jit
@@ -327,7 +334,7 @@ def _conv_bwd(
         db_strides = (db_part.stride(0), db_part.stride(1)) if db_part is not None else (0, 0)
         # Pass 1 writes dpre (under SiLU; without activation dpre is dout itself) and the parameter partials;
         # pass 2 turns dpre into dx. DPRE_DTYPE float32 keeps dx as exact as a single pass would.
-        dpre = torch.empty((b, l, d), device=x.device, dtype=DPRE_DTYPE) if silu else dout
+        dpre = torch.empty((b, l, d), device=x.device, dtype=DPRE_DTYPE or x.dtype) if silu else dout
         _conv1d_bwd_dpre_kernel[(chunks, triton.cdiv(d, BWD_BLOCK_D), b)](
             x, weight, bias, segments, dout, dpre, dw_part, db_part,
             l, d, tiles,

@@ -106,6 +106,37 @@ def test_gated_rms_norm_matches_reference(norm_before_gate):
         assert _relative(got, want) <= 1e-2
 
 
+@pytest.mark.parametrize("dpre_dtype", [None, torch.float32])
+def test_triton_conv1d_matches_float64(dpre_dtype, monkeypatch):
+    """The Triton causal conv (the module's tiles; the backward's dpre buffer in bf16, the default, or float32) on
+    the strided xBC view of an in_proj-shaped bf16 tensor, with documents, against float64 on the same bf16 values:
+    output and dx within 1e-2 of their scale, weight and bias gradients within 1e-5 (float32 sums)."""
+    from megatron_hybrid.ops import triton_conv1d
+
+    monkeypatch.setattr(triton_conv1d, "DPRE_DTYPE", dpre_dtype)
+    torch.manual_seed(5)
+    b, l, d = 2, 1500, 4096
+    wide = torch.randn(b, l, d + 2080, device="cuda", dtype=torch.bfloat16)
+    x = wide[..., 2048:2048 + d].detach().requires_grad_()
+    weight = (torch.randn(d, 4, device="cuda") * 0.5).requires_grad_()
+    bias = torch.randn(d, device="cuda").requires_grad_()
+    seq_idx = torch.zeros(b, l, dtype=torch.int32, device="cuda")
+    seq_idx[0, 511:] = 1  # one token before a 512-row program boundary
+    seq_idx[0, 512:] = 2
+    seq_idx[1, 700:] = 3
+    grad = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
+    for seq in (None, seq_idx):
+        out = triton_conv1d.causal_conv1d_channel_last_triton(x, weight, bias, "silu", seq_idx=seq)
+        got = (out, *torch.autograd.grad(out, (x, weight, bias), grad))
+        leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+        ref = ops.causal_conv1d_ref(leaves[0].transpose(1, 2), leaves[1], leaves[2], "silu",
+                                    seq_idx=seq).transpose(1, 2)
+        want = (ref, *torch.autograd.grad(ref, leaves, grad.double()))
+        for name, g, w, rel in zip(("out", "dx", "dweight", "dbias"), got, want, (1e-2, 1e-2, 1e-5, 1e-5)):
+            err = (g.double() - w).abs().max().item()
+            assert err <= rel * w.abs().max().item(), f"{name}: {err:.3e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_mamba_span_matches_composed_reference(dtype):
     """``ops.mamba_span`` (conv -> scan -> gated norm in one node) against the reference ops composed, at the real

@@ -193,9 +193,11 @@ def test_backward_is_deterministic_and_takes_strided_grads(tconv):
 
 
 @needs_interpreter
-def test_two_pass_with_a_bfloat16_dpre_buffer(tconv, monkeypatch):
-    """``DPRE_DTYPE`` bf16 (half the extra traffic of pass 1) rounds dpre once more: still within bf16 tolerance."""
-    monkeypatch.setattr(tconv, "DPRE_DTYPE", torch.bfloat16)
+@pytest.mark.parametrize("dpre_dtype", [None, torch.float32])
+def test_dpre_buffer_dtype(tconv, monkeypatch, dpre_dtype):
+    """dpre in x's dtype (the default: one more bf16 rounding) and in float32 (the exact path): both within bf16
+    tolerance of the float64 reference."""
+    monkeypatch.setattr(tconv, "DPRE_DTYPE", dpre_dtype)
     got, want = _run(tconv, 2, 37, 24, 4, torch.bfloat16, documents=True, seed=13)
     _check(got, want, torch.bfloat16)
 
