@@ -4,8 +4,6 @@
    the backward's (both passes' tiles, rows per program) by GPU time, keeps the fastest settings in
    ``ops.triton_conv1d`` for the rest of the run and prints them (``chosen``) to copy into the module; bf16
    correctness against the reference; the old float32 PyTorch fallback for scale.
-0a. Norms alone (``--parts norm``): our Triton RMSNorm and gated RMSNorm at the Mamba layer's shapes; sweeps their
-   tiles, warps and backward programs, keeps the fastest in ``ops.triton_norm`` for the rest of the run (``chosen``).
 0b. SSD scan alone (``--parts ssd``): our Triton scan (``ops.triton_ssd``) against mamba_ssm's, correctness against
    the float64 reference and speed at the 800M layer shape, and a sweep of our kernels' launch settings.
 1. Breakdown (``--parts breakdown``): torch.profiler (CUDA activity) over a few MambaLayer forward+backward passes at
@@ -559,93 +557,6 @@ def triton_conv(batch: int = 4, seqlen: int = 4096) -> dict:
     return res
 
 
-# The norms' sweep: elements per tile (rows x the group's width), warps (None: the module's rule), backward programs.
-NORM_TILES = (1024, 2048, 4096, 8192)
-NORM_WARPS = (None, 2, 4, 8)
-NORM_BWD_PROGRAMS = (1024, 2048, 4096, 8192)
-
-
-def triton_norms(batch: int = 4, seqlen: int = 4096) -> dict:
-    """Our two norms of a Mamba layer at the 800M shape, forward and backward (bf16 activations, float32 weights as
-    under autocast), in the layer's memory layouts: the pre-norm RMSNorm over hidden 1024 of the sequence-first
-    [s, b, h] hidden states, and the gated RMSNorm over d_inner 2048 in 8 groups of the scan's batch-first output, its
-    ``z``, output gradient and ``dz`` [b, s, .] views of sequence-first buffers (``ops.triton_mamba_span``). Sweeps
-    ``ops.triton_norm``'s tiles, warps and backward programs by GPU time and LEAVES THE FASTEST in the module for the
-    rest of the run (``chosen``); the chosen settings' outputs and gradients are compared with the module defaults'
-    (same math, another summation order)."""
-    from megatron_hybrid.ops import triton_norm as tn
-
-    torch.manual_seed(0)
-    config = config_800m()
-    hidden, di = config.hidden_size, config.mamba_d_inner
-    group = di // config.mamba_num_groups
-    conv = di + 2 * config.mamba_num_groups * config.mamba_state_dim
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    width = di + conv + config.mamba_num_heads
-    zxbcdt = torch.randn(seqlen, batch, width, **bf16).transpose(0, 1)
-    dzxbcdt = torch.empty(seqlen, batch, width, **bf16).transpose(0, 1)
-    cases = (  # x, z, weight, group size (the hidden states as [s, b, h]: rows in memory order, like the layer)
-        (torch.randn(batch, seqlen, di, **bf16), zxbcdt[..., :di], torch.randn(di, device="cuda"), group),
-        (torch.randn(seqlen, batch, hidden, **bf16), None, torch.randn(hidden, device="cuda"), hidden),
-    )
-    grads = [torch.randn(seqlen, batch, di, **bf16).transpose(0, 1), torch.randn(seqlen, batch, hidden, **bf16)]
-    dz_views = [dzxbcdt[..., :di], None]
-    outs = [torch.empty(seqlen, batch, di, **bf16).transpose(0, 1), None]  # the gated norm writes sequence-first
-    rstds = [tn.group_rms_norm_fwd(x, z, w, 1e-5, g)[1] for x, z, w, g in cases]
-    names = ("TILE_ELEMENTS", "WARPS", "BWD_TILE_ELEMENTS", "BWD_WARPS", "BWD_PROGRAMS")
-    defaults = {n: getattr(tn, n) for n in names}
-
-    def fwd():
-        return [tn.group_rms_norm_fwd(x, z, w, 1e-5, g, out=out)[0] for (x, z, w, g), out in zip(cases, outs)]
-
-    def bwd():
-        return [tn.group_rms_norm_bwd(dy, x, z, w, r, g, dz=dz)
-                for (x, z, w, g), dy, r, dz in zip(cases, grads, rstds, dz_views)]
-
-    def results():
-        return [t.clone() for t in fwd()] + [t.clone() for grads_ in bwd() for t in grads_ if t is not None]
-
-    reference = results()
-    res: dict = {"defaults": {n: str(v) for n, v in defaults.items()}, "sweep_ms": {},
-                 "default_fwd_ms": gpu_ms(fwd), "default_bwd_ms": gpu_ms(bwd)}
-    # Ideal traffic: forward reads x (and z), writes out; backward reads x (and z) and dy, writes dx (and dz).
-    gated, pre = (x.numel() * 2 for x, *_ in cases)
-    res["bytes_fwd_GB"] = round((3 * gated + 2 * pre) / 1e9, 3)
-    res["bytes_bwd_GB"] = round((5 * gated + 3 * pre) / 1e9, 3)
-
-    def sweep(label, configs, fn):
-        best = None
-        for cfg in configs:
-            try:
-                for n, v in cfg.items():
-                    setattr(tn, n, v)
-                ms = gpu_ms(fn)
-            except Exception as exc:  # e.g. out of resources for one tile shape
-                res["sweep_ms"][f"{label}{tuple(cfg.values())}"] = repr(exc)[:200]
-                continue
-            res["sweep_ms"][f"{label}{tuple(cfg.values())}"] = ms
-            if best is None or ms < best[1]:
-                best = (cfg, ms)
-        if best is None:
-            raise RuntimeError(f"every {label} configuration failed")
-        for n, v in best[0].items():
-            setattr(tn, n, v)
-        return best[1]
-
-    try:
-        res["best_fwd_ms"] = sweep("fwd", [{"TILE_ELEMENTS": t, "WARPS": w} for t in NORM_TILES for w in NORM_WARPS],
-                                   fwd)
-        sweep("bwd", [{"BWD_TILE_ELEMENTS": t, "BWD_WARPS": w} for t in NORM_TILES for w in NORM_WARPS], bwd)
-        res["best_bwd_ms"] = sweep("bwd_programs", [{"BWD_PROGRAMS": p} for p in NORM_BWD_PROGRAMS], bwd)
-        res["chosen_vs_default_worst_rel_err"] = max(_rel_err(a, b) for a, b in zip(results(), reference))
-    except Exception:
-        for n, v in defaults.items():  # a broken sweep must not leave a half-set configuration for the later parts
-            setattr(tn, n, v)
-        raise
-    res["chosen"] = {n: str(getattr(tn, n)) for n in names}
-    return res
-
-
 def _kernel_table(prof, iters: int, top: int) -> dict:
     """Device kernels of a profile: the ``top`` by total time (name, calls per iteration, ms per iteration), the sum
     over all kernels, and sums per coarse category (from kernel names) to see what the time beyond the scan is."""
@@ -913,7 +824,7 @@ def memory_breakdown(batch: int = 1, seqlen: int = 4096) -> dict:
     }
 
 
-PARTS = ("conv", "norm", "ssd", "breakdown", "host", "layer", "parity", "memory", "train", "train_breakdown", "graphs")
+PARTS = ("conv", "ssd", "breakdown", "host", "layer", "parity", "memory", "train", "train_breakdown", "graphs")
 
 
 def main() -> None:
@@ -923,7 +834,6 @@ def main() -> None:
     parser.add_argument("--parts", default="conv,layer,parity,memory,train",
                         help=f"comma-separated, run in this order: {','.join(PARTS)}. conv: Triton conv1d alone, sweep "
                              "of its kernel configurations (the fastest stays set for the later parts of the run); "
-                             "norm: the same for the two norms of a Mamba layer; "
                              "breakdown: profiler kernel table of one MambaLayer fwd+bwd vs the bare scan; host: "
                              "host (CPU) time to issue the layer and the bare scan, and its hot spots; layer: "
                              "layer vs bare scan timings; parity: fast path vs reference; memory; train: 800M steps; "
@@ -943,8 +853,6 @@ def main() -> None:
     for name in parts:
         if name == "conv":
             part("triton_conv1d", print_chars=5000)(triton_conv)
-        elif name == "norm":
-            part("triton_norms", print_chars=4000)(triton_norms)
         elif name == "ssd":
             part("ssd_scan", print_chars=6000)(lambda: ssd_scan(sweep=args.ssd_sweep))
         elif name == "breakdown":

@@ -19,12 +19,7 @@ import torch
 from megatron_hybrid.ops._triton_common import UNAVAILABLE_REASON, tl, triton
 
 MAX_GROUP = 8192  # the widest group one program holds (8192 float32 values of a row per tensor in registers)
-# Module globals read at every call, so ``benchmarks/gpu_model.py --parts norm`` can sweep them (and keeps the
-# fastest for the rest of its run). Fixed rather than autotuned: the weight gradient's reduction order follows them.
-TILE_ELEMENTS = 4096  # BLOCK_M x BLOCK_N of one forward tile
-BWD_TILE_ELEMENTS = 4096  # the same for the backward, which holds about twice as many float32 tiles per row block
-WARPS: int | None = None  # warps per forward program; None: 4 up to 4096 elements a tile, else 8
-BWD_WARPS: int | None = None  # the same for the backward
+TILE_ELEMENTS = 4096  # BLOCK_M x BLOCK_N of one tile
 BWD_PROGRAMS = 2048  # about this many backward programs: fewer partial rows of the weight gradient to sum
 
 __all__ = ["MAX_GROUP", "UNAVAILABLE_REASON", "group_rms_norm_bwd", "group_rms_norm_fwd", "group_rms_norm_triton"]
@@ -118,10 +113,10 @@ def _as_3d(t: torch.Tensor) -> torch.Tensor:
     return flat.unsqueeze(0)
 
 
-def _tile_shape(group_size: int, tile_elements: int, warps: int | None) -> tuple[int, int, int]:
+def _tile_shape(group_size: int) -> tuple[int, int, int]:
     block_n = triton.next_power_of_2(group_size)
-    block_m = max(1, tile_elements // block_n)
-    warps = warps or (4 if block_n * block_m <= 4096 else 8)
+    block_m = max(1, TILE_ELEMENTS // block_n)
+    warps = 4 if block_n * block_m <= 4096 else 8
     return block_m, block_n, warps
 
 
@@ -139,7 +134,7 @@ def group_rms_norm_fwd(
     rstd = torch.empty(b * l, groups, device=x.device, dtype=torch.float32)
     if x.numel() == 0:
         return out, rstd
-    block_m, block_n, warps = _tile_shape(group_size, TILE_ELEMENTS, WARPS)
+    block_m, block_n, warps = _tile_shape(group_size)
     zt = z if z is not None else x
     _group_norm_fwd[(triton.cdiv(b * l, block_m), groups)](
         x, zt, weight, out, rstd,
@@ -162,7 +157,7 @@ def group_rms_norm_bwd(
         dx = torch.empty(b, l, width, device=x.device, dtype=x.dtype)
     if z is not None and dz is None:
         dz = torch.empty(b, l, width, device=z.device, dtype=z.dtype)
-    block_m, block_n, warps = _tile_shape(group_size, BWD_TILE_ELEMENTS, BWD_WARPS)
+    block_m, block_n, warps = _tile_shape(group_size)
     n_tiles = triton.cdiv(b * l, block_m) if x.numel() else 0
     tiles = max(1, n_tiles * groups // BWD_PROGRAMS)
     programs = triton.cdiv(n_tiles, tiles)

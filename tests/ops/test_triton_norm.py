@@ -69,10 +69,7 @@ def test_several_row_tiles_per_backward_program(tnorm, monkeypatch):
     # 100 rows of two 8-wide groups in tiles of 4 rows (25 tiles; the default tile would hold all of them), about 3
     # programs wanted: 16 tiles per program, so each program's loop runs several tiles and the second runs past the end
     monkeypatch.setattr(tnorm, "TILE_ELEMENTS", 32)
-    monkeypatch.setattr(tnorm, "BWD_TILE_ELEMENTS", 32)
     monkeypatch.setattr(tnorm, "BWD_PROGRAMS", 3)
-    monkeypatch.setattr(tnorm, "WARPS", 2)
-    monkeypatch.setattr(tnorm, "BWD_WARPS", 2)
     _compare(tnorm, 2, 50, 16, 8, True, torch.float32, rel=2e-6, seed=1)
 
 
