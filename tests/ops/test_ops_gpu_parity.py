@@ -121,8 +121,8 @@ def test_triton_conv1d_matches_float64(dpre_dtype, monkeypatch):
     weight = (torch.randn(d, 4, device="cuda") * 0.5).requires_grad_()
     bias = torch.randn(d, device="cuda").requires_grad_()
     seq_idx = torch.zeros(b, l, dtype=torch.int32, device="cuda")
-    seq_idx[0, 511:] = 1  # one token before a 512-row program boundary
-    seq_idx[0, 512:] = 2
+    seq_idx[0, 1023:] = 1  # a one-token document at the end of the first backward program's rows (1024 of them)
+    seq_idx[0, 1024:] = 2
     seq_idx[1, 700:] = 3
     grad = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
     for seq in (None, seq_idx):
