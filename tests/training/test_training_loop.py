@@ -197,11 +197,16 @@ def test_finetune_exit_interval_and_missing_checkpoint(byte_data: str, tmp_path)
                                                       "--exit-on-missing-checkpoint"]), verbose=False)
 
 
+def _tiny_cpu_model() -> MambaModel:
+    """A two-layer ``M-`` model on the CPU, for the CUDA-graph checks that need no GPU."""
+    return MambaModel(HybridConfig(num_layers=2, hybrid_override_pattern="M-", hidden_size=32, vocab_size=64,
+                                   ffn_hidden_size=64, mamba_state_dim=16, mamba_head_dim=8, mamba_num_groups=2))
+
+
 def test_cuda_graphs_are_refused_on_cpu(byte_data: str) -> None:
     with pytest.raises(ConfigError, match="--enable-cuda-graph needs a CUDA device; this run is on cpu"):
         pretrain(run_flags(byte_data, iters=2, extra=["--enable-cuda-graph"]), verbose=False)
-    model = MambaModel(HybridConfig(num_layers=2, hybrid_override_pattern="M-", hidden_size=32, vocab_size=64,
-                                    ffn_hidden_size=64, mamba_state_dim=16, mamba_head_dim=8, mamba_num_groups=2))
+    model = _tiny_cpu_model()
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device; it is on cpu"):
         enable_layer_graphs(model)
     assert model.decoder.layer_graphs is None
@@ -235,8 +240,7 @@ def test_layer_graphs_give_parameters_gradients_to_accumulate_into() -> None:
     weight.grad = torch.zeros(3)
     assert accumulate() == [3.0] * 3
 
-    model = MambaModel(HybridConfig(num_layers=2, hybrid_override_pattern="M-", hidden_size=32, vocab_size=64,
-                                    ffn_hidden_size=64, mamba_state_dim=16, mamba_head_dim=8, mamba_num_groups=2))
+    model = _tiny_cpu_model()
     graphs = LayerGraphs(list(model.decoder.layers.values()))
     kept = torch.full_like(model.decoder.layers["1"].mlp.linear_fc1.weight, 7.0)
     model.decoder.layers["1"].mlp.linear_fc1.weight.grad = kept
