@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from megatron_hybrid.ops._triton_common import ROUND_KIND, UNAVAILABLE_REASON, tl, triton
+from megatron_hybrid.parallel.state import group_rank, group_size
 
 __all__ = ["UNAVAILABLE_REASON", "cross_entropy_triton"]
 
@@ -88,8 +89,8 @@ class _TritonCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, reuse_logits: bool,
                 group: ProcessGroup | None) -> torch.Tensor:
         rows, vocab_local = logits.shape
-        slices = 1 if group is None else dist.get_world_size(group)
-        vocab_start = 0 if group is None else dist.get_rank(group) * vocab_local
+        slices = group_size(group)
+        vocab_start = group_rank(group) * vocab_local
         lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
         out = torch.empty(rows, device=logits.device, dtype=torch.float32)
         if rows:
@@ -141,7 +142,7 @@ def cross_entropy_triton(logits: torch.Tensor, target: torch.Tensor, reuse_logit
         raise ValueError(f"target {tuple(target.shape)} must be logits {tuple(logits.shape)} without the last dim")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device}, logits on {logits.device}: they must share a device")
-    if group is not None and dist.get_world_size(group) == 1:
+    if group_size(group) == 1:
         group = None
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
